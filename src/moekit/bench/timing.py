@@ -1,0 +1,39 @@
+"""Timing helpers: the median of repeated, device-timed runs after a warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def median_us(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30,
+              setup: Callable[[], object] | None = None) -> float:
+    """Median time of ``fn()`` in microseconds.
+
+    On CUDA each call is bracketed by events on the current stream; on the CPU by a host clock.
+    ``setup`` runs before every call, outside the timed region (e.g. to refresh inputs or flush L2).
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
