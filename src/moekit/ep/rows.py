@@ -1,0 +1,54 @@
+"""Moving rows of several tensors between ranks in one ``all_to_all_single`` (torch backend).
+
+Rows of different dtypes travel together as bytes: each tensor [n, ...] is viewed as uint8 [n, b],
+the views are concatenated along columns, exchanged, and split back. One collective per exchange
+keeps the reference backend's latency down and its code short.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """[n, ...] any dtype -> uint8 [n, row bytes] (copies only if not already contiguous)."""
+    return t.reshape(t.shape[0], -1).contiguous().view(torch.uint8)
+
+
+def pack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([as_bytes(t) for t in tensors], dim=1)
+
+
+def unpack_rows(rows: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Splits uint8 [m, b] back into tensors shaped like ``like`` (row count m instead of theirs)."""
+    out, col = [], 0
+    for t in like:
+        width = t[:1].reshape(1, -1).shape[1] * t.element_size() if t.shape[0] else _row_bytes(t)
+        piece = rows[:, col:col + width].contiguous().view(t.dtype)
+        out.append(piece.reshape(rows.shape[0], *t.shape[1:]))
+        col += width
+    return out
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    n = 1
+    for s in t.shape[1:]:
+        n *= s
+    return n * t.element_size()
+
+
+def exchange_rows(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], send_counts: list[int],
+                  recv_counts: list[int], async_op: bool = False):
+    """Sends ``send_counts[r]`` consecutive rows of every tensor to rank r; receives likewise.
+
+    Returns the received tensors (and, with ``async_op``, the pending work to wait on first).
+    """
+    send = pack_rows(tensors)
+    recv = torch.empty(sum(recv_counts), send.shape[1], dtype=torch.uint8, device=send.device)
+    work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group, async_op=async_op)
+    if async_op:
+        return work, recv
+    return unpack_rows(recv, tensors)

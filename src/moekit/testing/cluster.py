@@ -1,0 +1,130 @@
+"""A group of worker processes, one per rank, that run functions together (tests and the demo).
+
+The workers join one ``torch.distributed`` group (gloo on CPUs, NCCL on GPUs, one GPU per rank) and
+stay up between calls, so that many checks share one start-up. ``run(fn, *args)`` calls
+``fn(*args)`` on every rank at once and returns the per-rank results; a failure on any rank raises
+:class:`RankError` with every failing rank's traceback, and a rank that does not answer within the
+time limit raises ``TimeoutError`` naming it (the group is then torn down).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+# NVLink multicast stays off in every process we start (it can take a shared host's GPUs down).
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class RankError(RuntimeError):
+    """One or more ranks raised; ``errors`` maps rank to its traceback text."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        super().__init__(f"{len(errors)} rank(s) failed:\n{text}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float,
+            inbox: "mp.Queue", outbox: "mp.Queue") -> None:
+    os.environ.update(SAFE_ENV)
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("MOEKIT_WORKER_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        outbox.put((rank, False, traceback.format_exc()))
+        return
+    outbox.put((rank, True, None))
+    while True:
+        job = inbox.get()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            outbox.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Cluster:
+    """``world_size`` worker processes joined in one process group.
+
+    Args:
+        world_size: number of ranks.
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank).
+        timeout_s: limit for one collective inside the workers and for one ``run`` to answer.
+    """
+
+    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size: expected >= 1, got {world_size}")
+        self.world_size, self.backend, self.timeout_s = world_size, backend, timeout_s
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._inboxes = [ctx.Queue() for _ in range(world_size)]
+        self._outbox = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, port, backend, timeout_s, self._inboxes[r], self._outbox))
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self._collect("start-up")
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Runs ``fn(*args, **kwargs)`` on every rank (``fn`` must be importable: a module-level function)."""
+        for box in self._inboxes:
+            box.put((fn, args, kwargs))
+        return self._collect(getattr(fn, "__name__", repr(fn)))
+
+    def _collect(self, what: str) -> list[Any]:
+        results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        while len(results) + len(errors) < self.world_size:
+            try:
+                rank, ok, value = self._outbox.get(timeout=self.timeout_s)
+            except queue.Empty:
+                missing = sorted(set(range(self.world_size)) - set(results) - set(errors))
+                self.close(force=True)
+                raise TimeoutError(f"{what}: rank(s) {missing} did not answer within {self.timeout_s:.0f} s"
+                                   + (f"; other ranks failed: {RankError(errors)}" if errors else "")) from None
+            (results if ok else errors)[rank] = value
+        if errors:
+            raise RankError(errors)
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for box in self._inboxes:
+                box.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        self._procs = []
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(force=exc[0] is not None)
