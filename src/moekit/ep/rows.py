@@ -7,15 +7,20 @@ keeps the reference backend's latency down and its code short.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 
+def _row_elements(t: torch.Tensor) -> int:
+    return math.prod(t.shape[1:])
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """[n, ...] any dtype -> uint8 [n, row bytes] (copies only if not already contiguous)."""
-    return t.reshape(t.shape[0], -1).contiguous().view(torch.uint8)
+    return t.reshape(t.shape[0], _row_elements(t)).contiguous().view(torch.uint8)
 
 
 def pack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -26,18 +31,11 @@ def unpack_rows(rows: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
     """Splits uint8 [m, b] back into tensors shaped like ``like`` (row count m instead of theirs)."""
     out, col = [], 0
     for t in like:
-        width = t[:1].reshape(1, -1).shape[1] * t.element_size() if t.shape[0] else _row_bytes(t)
+        width = _row_elements(t) * t.element_size()
         piece = rows[:, col:col + width].contiguous().view(t.dtype)
         out.append(piece.reshape(rows.shape[0], *t.shape[1:]))
         col += width
     return out
-
-
-def _row_bytes(t: torch.Tensor) -> int:
-    n = 1
-    for s in t.shape[1:]:
-        n *= s
-    return n * t.element_size()
 
 
 def exchange_rows(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], send_counts: list[int],
