@@ -5,7 +5,8 @@ the low-latency calls (``low_latency_dispatch``, ``low_latency_combine``) with D
 results are named tuples. See ``moekit.compat.deep_ep`` for the drop-in module.
 """
 
-from moekit.ep.buffer import Buffer, available_backends
+from moekit.ep.backends import available_backends
+from moekit.ep.buffer import Buffer
 from moekit.ep.config import Config
 from moekit.ep.events import EventOverlap
 from moekit.ep.layout import DispatchLayout

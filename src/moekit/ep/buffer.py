@@ -14,25 +14,19 @@ import torch
 import torch.distributed as dist
 
 from moekit.ep import validate as v
+from moekit.ep.backends import EngineSettings, available_backends, make_engines
 from moekit.ep.config import Config, low_latency_size_hint, recommended_config
 from moekit.ep.events import CommStream, EventOverlap, capture_event
 from moekit.ep.layout import DispatchLayout, compute_dispatch_layout
 from moekit.ep.results import (CombineResult, DispatchHandle, DispatchResult, LowLatencyCombineResult,
                                LowLatencyDispatchResult, LowLatencyHandle)
-from moekit.ep.torch_backend import TorchDispatcher
-from moekit.ep.torch_low_latency import TorchLowLatency, check_agreement
+from moekit.ep.agreement import check_agreement
 
 Activation = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-BACKENDS = ("torch",)
 
 
 def _no_hook() -> None:
     """The hook returned when ``return_recv_hook`` is off: the receive already happened."""
-
-
-def available_backends() -> list[str]:
-    """Backends that can run in this process, fastest first."""
-    return list(BACKENDS)
 
 
 def _group_device(group: dist.ProcessGroup) -> torch.device:
@@ -55,7 +49,10 @@ class Buffer:
             compatibility with DeepEP; moekit's single-host paths do not use them.
         explicitly_destroy: if True, ``destroy()`` must be called to release the buffer.
         comm: DeepEP's MPI alternative to ``group``; not supported (pass a process group).
-        backend: ``"auto"`` (the fastest available; ``MOEKIT_EP_BACKEND`` overrides) or ``"torch"``.
+        backend: ``"auto"`` (the fastest available for this group; ``MOEKIT_EP_BACKEND`` overrides),
+            ``"triton"`` (kernels over NVLink on a symmetric heap) or ``"torch"`` (collectives only).
+        timeout_s: time limit of every wait across ranks; on expiry the call raises ``TimeoutError``
+            naming the op, the rank and the peer.
 
     Attributes: ``rank``, ``group_size``, ``group``, ``backend``, ``device``.
     """
@@ -66,7 +63,7 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  explicitly_destroy: bool = False, enable_shrink: bool = False, comm: object = None, *,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", timeout_s: float = 100.0) -> None:
         if comm is not None:
             raise ValueError("comm: MPI communicators are not supported; pass a torch.distributed group")
         if not dist.is_initialized():
@@ -80,15 +77,21 @@ class Buffer:
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = explicitly_destroy
         self.device = _group_device(self.group)
+        check_agreement(self.group, "Buffer", {"num_nvl_bytes": num_nvl_bytes, "num_rdma_bytes": num_rdma_bytes,
+                                               "low_latency_mode": int(self.low_latency_mode)}, self.device)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        usable = available_backends(self.group, self.device)
         chosen = os.environ.get("MOEKIT_EP_BACKEND", backend) if backend == "auto" else backend
         if chosen == "auto":
-            chosen = available_backends()[0]
-        if chosen not in available_backends():
-            raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {chosen!r}")
+            chosen = usable[0]
+        if chosen not in usable:
+            raise ValueError(f"backend: expected 'auto' or one of {usable} (usable for this group), got {chosen!r}")
         self.backend = chosen
+        self.timeout_s = float(timeout_s)
         self._comm = CommStream(self.device)
-        self._normal = TorchDispatcher(self.group, self.device)
-        self._low_latency = TorchLowLatency(self.group, self.device)
+        settings = EngineSettings(num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, self.timeout_s)
+        self._normal, self._low_latency = make_engines(chosen, self.group, self.device, settings)
         self._destroyed = False
 
     # ------------------------------------------------------------------ settings
@@ -314,10 +317,6 @@ class Buffer:
             _check_wait_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, self.group_size,
                               self.device)
         self._check_low_latency(t_max, hidden, num_experts)
-        check_agreement(self.group, "low_latency_dispatch",
-                        {"num_max_dispatch_tokens_per_rank": t_max, "hidden": hidden, "num_experts": num_experts,
-                         "num_topk": topk_idx.shape[1], "use_fp8": int(use_fp8), "use_ue8m0": int(use_ue8m0)},
-                        self.device)
         with self._comm.scope(None, async_finish, False) as work:
             recv_x, recv_count, handle, receive = self._low_latency.dispatch(
                 x, topk_idx, t_max, num_experts, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,

@@ -17,28 +17,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from moekit.ep.agreement import check_agreement
 from moekit.ep.results import LowLatencyHandle
 from moekit.ep.rows import pack_rows, unpack_rows
 from moekit.fp8 import GROUP, pack_ue8m0, per_token_cast_to_fp8
-
-
-def check_agreement(group: dist.ProcessGroup, op: str, values: dict[str, int], device: torch.device) -> None:
-    """Raises ``ValueError`` on every rank if the ranks passed different ``values`` to ``op``.
-
-    Fixed-shape exchanges with mismatched shapes would hang or corrupt data; one small all-gather
-    turns that into an error that lists each rank's values.
-    """
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return  # checked by the eager call that preceded capture
-    mine = torch.tensor(list(values.values()), dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
-    rows = torch.stack(table).cpu()
-    if not bool((rows == rows[0]).all()):
-        names = list(values)
-        detail = "; ".join(f"rank {r}: " + ", ".join(f"{n}={v}" for n, v in zip(names, row.tolist()))
-                           for r, row in enumerate(rows))
-        raise ValueError(f"{op}: ranks disagree on {', '.join(names)} ({detail}); every rank must pass the same")
 
 
 class TorchLowLatency:
@@ -61,6 +43,9 @@ class TorchLowLatency:
         r, t_max, k = self.num_ranks, num_max_tokens, topk_idx.shape[1]
         n, hidden = x.shape
         e_loc = num_experts // r
+        check_agreement(self.group, "low_latency_dispatch",
+                        {"num_max_dispatch_tokens_per_rank": t_max, "hidden": hidden, "num_experts": num_experts,
+                         "num_topk": k, "use_fp8": int(use_fp8), "use_ue8m0": int(use_ue8m0)}, self.device)
         if use_fp8:
             data, scales = per_token_cast_to_fp8(x, round_scale)
             payload = [data, scales]

@@ -37,9 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float,
+def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, env: dict[str, str],
             inbox: "mp.Queue", outbox: "mp.Queue") -> None:
     os.environ.update(SAFE_ENV)
+    os.environ.update(env)
     os.environ["OMP_NUM_THREADS"] = os.environ.get("MOEKIT_WORKER_THREADS", "1")
     import torch
     import torch.distributed as dist
@@ -73,9 +74,11 @@ class Cluster:
         world_size: number of ranks.
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank).
         timeout_s: limit for one collective inside the workers and for one ``run`` to answer.
+        env: environment variables set in the workers before anything runs (e.g. TRITON_INTERPRET).
     """
 
-    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size: expected >= 1, got {world_size}")
         self.world_size, self.backend, self.timeout_s = world_size, backend, timeout_s
@@ -84,7 +87,8 @@ class Cluster:
         self._inboxes = [ctx.Queue() for _ in range(world_size)]
         self._outbox = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, world_size, port, backend, timeout_s, self._inboxes[r], self._outbox))
+                                   args=(r, world_size, port, backend, timeout_s, dict(env or {}),
+                                         self._inboxes[r], self._outbox))
                        for r in range(world_size)]
         for p in self._procs:
             p.start()

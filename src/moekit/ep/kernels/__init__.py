@@ -1,0 +1,1 @@
+"""Triton kernels of the EP backends, one file per kernel family, each kernel beside its launcher."""

@@ -1,0 +1,106 @@
+"""Flags between ranks on a symmetric heap: signal a peer, wait for one with a time limit.
+
+Rules every kernel follows (they keep the simulated heap, where ranks are processes running the
+interpreter, faithful to GPUs):
+* a flag word has exactly ONE writer (one rank, one program); readers combine several words;
+* flags are int64 and only grow (an epoch per call), so they never need resetting;
+* a kernel waits only for flags set by other ranks or by earlier launches, never by another
+  program of its own launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# What a timed-out wait writes into the error record: [timed_out, op, rank, peer].
+ERROR_WORDS = 4
+OPS = ("dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "notify", "barrier")
+
+
+def op_code(name: str) -> int:
+    return OPS.index(name)
+
+
+def wait_budget(timeout_s: float, interpret: bool) -> int:
+    """The ``max_wait`` of :func:`wait_geq`: nanoseconds on GPUs, polls under the interpreter (which
+    polls about ten thousand times a second)."""
+    return int(timeout_s * (1e4 if interpret else 1e9))
+
+
+@triton.jit
+def peer_pointer(ptrs, peer, byte_offset, DTYPE: tl.constexpr):
+    """Pointer to ``byte_offset`` in rank ``peer``'s heap, typed ``DTYPE``."""
+    base = tl.load(ptrs + peer)
+    return (base + byte_offset).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def signal(flag_ptr, value):
+    """Makes this program's earlier stores visible system-wide, then sets the flag (release)."""
+    tl.atomic_xchg(flag_ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
+def poll(flag_ptr):
+    """Reads a flag with acquire ordering and without writing (a compare-and-swap that never matches,
+    flags being >= 0), so a concurrent writer's update is never lost."""
+    return tl.atomic_cas(flag_ptr, -1, -1, sem="acquire", scope="sys")
+
+
+@triton.jit
+def wait_geq(flag_ptr, target, max_wait, error_ptr, op, rank, peer, INTERPRET: tl.constexpr):
+    """Spins until ``*flag_ptr >= target``; returns whether it arrived.
+
+    Gives up after ``max_wait`` (see ``wait_budget``) and then records ``[1, op, rank, peer]`` at
+    ``error_ptr`` for the host to raise.
+    """
+    value = poll(flag_ptr)
+    if INTERPRET:
+        start = 0
+    else:
+        start = tl.extra.cuda.globaltimer()
+    waited = start - start
+    while (value < target) & (waited < max_wait):
+        value = poll(flag_ptr)
+        if INTERPRET:
+            waited += 1
+        else:
+            waited = tl.extra.cuda.globaltimer() - start
+    arrived = value >= target
+    if not arrived:
+        tl.atomic_xchg(error_ptr + 1, op)
+        tl.atomic_xchg(error_ptr + 2, rank)
+        tl.atomic_xchg(error_ptr + 3, peer)
+        tl.atomic_xchg(error_ptr, 1)
+    return arrived
+
+
+@triton.jit
+def error_pointer(error_addr):
+    """The error record's address (an int64 kernel argument) as a pointer."""
+    return error_addr.to(tl.pointer_type(tl.int64))
+
+
+class ErrorRecord:
+    """Where kernels report a wait that gave up: ``[timed_out, op, rank, peer]`` int64 words.
+
+    On GPUs it lives in pinned host memory, which kernels can write directly (unified addressing),
+    so the host checks it with a plain memory read: no device synchronisation, CUDA-graph safe.
+    Kernels receive ``address`` as an int64 argument and turn it into a pointer with
+    :func:`error_pointer`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.words = torch.zeros(ERROR_WORDS, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.address = self.words.data_ptr()
+
+    def check(self, timeout_s: float) -> None:
+        """Raises ``TimeoutError`` naming the op, rank and peer if a wait gave up (and clears it)."""
+        if int(self.words[0]):
+            op, rank, peer = (int(w) for w in self.words[1:])
+            self.words.zero_()
+            name = OPS[op] if 0 <= op < len(OPS) else f"op {op}"
+            raise TimeoutError(f"{name}: rank {rank} waited more than {timeout_s:g} s for rank {peer}; "
+                               f"is rank {peer} alive and calling {name} too?")
