@@ -1,7 +1,8 @@
 """Benchmarks, one module per ``python -m moekit bench NAME`` (``low-latency`` -> ``low_latency.py``).
 
 Each module exposes ``main(argv: list[str]) -> int``. Shared pieces: :mod:`moekit.bench.report`
-(table, JSON, PNG) and :mod:`moekit.bench.timing` (medians of device-timed repeats).
+(table, JSON, PNG) and :mod:`moekit.bench.timing` (medians of device-timed repeats); modules whose
+names start with ``_`` are helpers, not benchmarks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ _HELPERS = {"report", "timing"}
 
 def available() -> list[str]:
     """Names of the benchmarks that ``python -m moekit bench`` accepts."""
-    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in _HELPERS]
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in _HELPERS and not m.name.startswith("_")]
     return sorted(n.replace("_", "-") for n in names)
 
 
