@@ -1,7 +1,53 @@
-"""Shared test settings. GPU tests are marked ``gpu`` and deselected by default (see pyproject)."""
+"""Shared test settings and fixtures.
+
+GPU tests are marked ``gpu`` and deselected by default (see pyproject); run them on a GPU machine
+with ``python -m pytest -m gpu``.
+"""
 
 import os
 
-# Keep NVLink multicast off in every process the tests start (see README, "GPUs").
-for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+import pytest
+
+# Keep NVLink multicast off in every process the tests start.
+os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+
+
+def pytest_configure(config):
+    """CPU runs interpret every Triton kernel; a GPU run (``-m gpu``) compiles them."""
+    expr = config.getoption("markexpr") or ""
+    if "gpu" not in expr or "not gpu" in expr:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def clusters():
+    """``clusters(n)``: a group of n CPU rank processes over gloo, shared by the whole session.
+
+    Triton kernels run under the interpreter in them (TRITON_INTERPRET=1), on a simulated heap.
+    """
+    from moekit.testing.cluster import Cluster
+
+    made = {}
+
+    def get(world_size: int) -> Cluster:
+        if world_size not in made or not made[world_size].alive:
+            made[world_size] = Cluster(world_size, timeout_s=60, env={"TRITON_INTERPRET": "1"})
+        return made[world_size]
+
+    yield get
+    for cluster in made.values():
+        cluster.close(force=not cluster.alive)
+
+
+@pytest.fixture(scope="session")
+def gpu_cluster():
+    """Two GPU ranks over NCCL (one GPU each)."""
+    import torch
+
+    from moekit.testing.cluster import Cluster
+
+    if torch.cuda.device_count() < 2:
+        pytest.fail("GPU tests need a machine with at least 2 CUDA GPUs")
+    cluster = Cluster(2, backend="nccl", timeout_s=300)
+    yield cluster
+    cluster.close(force=not cluster.alive)

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,7 +66,8 @@ class Report:
             table.add_column(header, justify="right")
         for row in self.rows:
             table.add_row(*(_format(row.get(key)) for key in self.columns))
-        console = console or Console()
+        # Piped output (logs, CI) would otherwise be cut to 80 columns.
+        console = console or Console(width=None if sys.stdout.isatty() else 240)
         console.print(table)
         for note in self.notes:
             console.print(note)

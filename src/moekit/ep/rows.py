@@ -32,7 +32,9 @@ def unpack_rows(rows: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
     out, col = [], 0
     for t in like:
         width = _row_elements(t) * t.element_size()
-        piece = rows[:, col:col + width].contiguous().view(t.dtype)
+        # A fresh buffer: slices of ``rows`` (even empty ones) have strides and offsets that cannot be
+        # reinterpreted as wider dtypes.
+        piece = rows.new_empty((rows.shape[0], width)).copy_(rows[:, col:col + width]).view(t.dtype)
         out.append(piece.reshape(rows.shape[0], *t.shape[1:]))
         col += width
     return out

@@ -116,6 +116,10 @@ class Cluster:
             raise RankError(errors)
         return [results[r] for r in range(self.world_size)]
 
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
     def close(self, force: bool = False) -> None:
         if not force:
             for box in self._inboxes:

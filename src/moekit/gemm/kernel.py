@@ -1,0 +1,166 @@
+"""The grouped GEMM kernel (persistent, TMA loads) and its launcher.
+
+One kernel serves the three layouts, chosen by the compile-time ``LAYOUT``:
+
+* ``DENSE``: one group; ``a`` [M, K], ``b`` [1, N, K], ``out`` [M, N].
+* ``CONTIGUOUS``: ``a`` [M_sum, K] holds the rows of all experts back to back, each expert's block
+  starting at a multiple of 128; ``m_indices`` [M_sum] names each row's expert, -1 for padding.
+* ``MASKED``: ``a`` [G, M_max, K]; only the first ``masked_m[g]`` rows of group g are valid.
+
+Each program walks output tiles ``pid, pid + P, pid + 2P, ...`` (P = number of programs, about one
+per SM), so one launch covers any number of groups and rows without knowing them on the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from moekit.gemm.config import TileConfig
+
+DENSE, CONTIGUOUS, MASKED = 0, 1, 2
+# The same values as compile-time constants, the only globals a kernel may read.
+_CONTIGUOUS, _MASKED = tl.constexpr(CONTIGUOUS), tl.constexpr(MASKED)
+_SCALE_GROUP = tl.constexpr(128)
+
+
+# For each valid output row r of group g and column n:
+#   out[r, n] = bf16( sum_kb  sa[r, kb] * sb[g, n // 128, kb] * sum_{k in block kb} a[r, k] * b[g, n, k] )
+# FP8: the inner sum is a tensor-core dot accumulated in fp32, promoted into the fp32 total with
+# the two scales of its 128-deep K block (DeepSeek's fine-grained scaling). bf16: sa = sb = 1 and
+# the dot accumulates directly. Rows that are not valid (padding, past masked_m) are not written.
+# UPCAST_BF16 is set only under the CPU interpreter, whose dot has no bf16 path; bf16 products are
+# exact in fp32, so the sums are the same.
+@triton.jit
+def _grouped_gemm_kernel(
+        a_desc, b_desc, out_ptr, sa_ptr, sb_ptr, m_indices_ptr, masked_m_ptr,
+        M, N, K, G, num_tiles_m, num_programs,
+        stride_og, stride_om, stride_on,
+        stride_sag, stride_sam, stride_sak,
+        stride_sbg, stride_sbn, stride_sbk,
+        LAYOUT: tl.constexpr, FP8: tl.constexpr, UPCAST_BF16: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_tiles_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_tiles_m * num_tiles_n
+    k_tiles = K // BLOCK_K
+    # Masked layout: a row tile never straddles two groups.
+    tiles_per_group = tl.cdiv(M, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    for tile in tl.range(pid, num_tiles, num_programs):
+        # Swizzle: GROUP_M row tiles share each column tile while it sits in L2.
+        tiles_in_band = GROUP_M * num_tiles_n
+        first_m = (tile // tiles_in_band) * GROUP_M
+        band_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
+        tile_m = first_m + (tile % tiles_in_band) % band_m
+        tile_n = (tile % tiles_in_band) // band_m
+
+        if LAYOUT == _MASKED:
+            ga = tile_m // tiles_per_group
+            gb = ga
+            m0 = (tile_m % tiles_per_group) * BLOCK_M
+            a_row = ga * M + m0
+            valid_rows = tl.minimum(tl.load(masked_m_ptr + ga), M)
+            row_ok = m0 + offs_m < valid_rows
+        elif LAYOUT == _CONTIGUOUS:
+            ga = tile_m * 0
+            m0 = tile_m * BLOCK_M
+            a_row = m0
+            experts = tl.load(m_indices_ptr + m0 + offs_m, mask=m0 + offs_m < M, other=-1)
+            # All valid rows of a tile share one expert (alignment), so the max names it.
+            gb = tl.max(experts, axis=0)
+            row_ok = (experts >= 0) & (experts < G)
+        else:
+            ga = tile_m * 0
+            gb = ga
+            m0 = tile_m * BLOCK_M
+            a_row = m0
+            row_ok = m0 + offs_m < M
+        n0 = tile_n * BLOCK_N
+        active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
+        if active:
+            b_row = gb * N + n0
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            sa_ptrs = sa_ptr + ga * stride_sag + (m0 + offs_m) * stride_sam
+            if BLOCK_N <= _SCALE_GROUP:
+                sb_ptrs = sb_ptr + gb * stride_sbg + (n0 // _SCALE_GROUP) * stride_sbn
+            else:
+                sb_ptrs = sb_ptr + gb * stride_sbg + ((n0 + offs_n) // _SCALE_GROUP) * stride_sbn
+            for kb in range(k_tiles):
+                a = a_desc.load([a_row, kb * BLOCK_K])
+                b = b_desc.load([b_row, kb * BLOCK_K])
+                if FP8:
+                    sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
+                    if BLOCK_N <= _SCALE_GROUP:
+                        sb = tl.load(sb_ptrs + kb * stride_sbk)
+                        acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+                    else:
+                        sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n0 + offs_n < N, other=0.0)
+                        acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+                elif UPCAST_BF16:
+                    acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(a, b.T, acc)
+            rows = (m0 + offs_m).to(tl.int64)
+            cols = n0 + offs_n
+            out_ptrs = out_ptr + ga.to(tl.int64) * stride_og + rows[:, None] * stride_om + cols[None, :] * stride_on
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1`` set before triton's import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def num_programs(device: torch.device) -> int:
+    """Persistent grid size: one program per SM; a few on the CPU so each loops over several tiles."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
+def launch(layout: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: TileConfig, *,
+           sa: torch.Tensor | None = None, sb: torch.Tensor | None = None,
+           m_indices: torch.Tensor | None = None, masked_m: torch.Tensor | None = None) -> torch.Tensor:
+    """Runs the kernel on operands already checked by :mod:`moekit.gemm.api`.
+
+    ``a``: contiguous, [M, K] (dense, contiguous) or [G, M_max, K] (masked); ``b``: contiguous
+    [G, N, K]; ``out``: bf16 [M, N] or [G, M_max, N], any strides. FP8 when ``sa`` (float32
+    [M, K/128] or [G, M_max, K/128]) and ``sb`` (float32 [G, ceil(N/128), K/128]) are given.
+    """
+    if a.device.type != "cuda" and not interpreting():
+        raise RuntimeError("moekit.gemm kernels need a CUDA device, or TRITON_INTERPRET=1 set before "
+                           "triton is imported to run them on the CPU")
+    fp8 = sa is not None
+    groups, n, k = b.shape
+    m = a.shape[-2]
+    rows_a = a.numel() // k
+    out3 = out if out.dim() == 3 else out.unsqueeze(0)
+    tiles_m = (a.shape[0] if layout == MASKED else 1) * triton.cdiv(m, config.block_m)
+    if rows_a == 0 or tiles_m == 0 or n == 0:
+        return out
+    a_desc = TensorDescriptor(a.view(rows_a, k), [rows_a, k], [k, 1], [config.block_m, config.block_k])
+    b_desc = TensorDescriptor(b.view(groups * n, k), [groups * n, k], [k, 1], [config.block_n, config.block_k])
+    if fp8:
+        sa3 = sa if sa.dim() == 3 else sa.unsqueeze(0)
+        sa_strides = sa3.stride()
+        sb_strides = sb.stride()
+    else:
+        sa = sb = out  # never read: FP8 is off
+        sa_strides = sb_strides = (0, 0, 0)
+    index = m_indices if m_indices is not None else masked_m
+    index = index if index is not None else torch.zeros(1, dtype=torch.int32, device=a.device)
+    programs = min(num_programs(a.device), tiles_m * triton.cdiv(n, config.block_n))
+    _grouped_gemm_kernel[(programs,)](
+        a_desc, b_desc, out3, sa, sb, index, index,
+        m, n, k, groups, tiles_m, programs,
+        *out3.stride(), *sa_strides, *sb_strides,
+        LAYOUT=layout, FP8=fp8, UPCAST_BF16=not fp8 and a.device.type != "cuda",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out

@@ -1,0 +1,113 @@
+"""The grouped GEMM kernels under the Triton interpreter on the CPU, against float64 references.
+
+tests/conftest.py sets TRITON_INTERPRET=1 for CPU runs before any kernel module is imported.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import gemm
+from moekit.compat import deep_gemm
+from moekit.fp8 import pack_ue8m0
+from moekit.gemm import config, inputs, kernel, reference
+from moekit.gemm.layout import contiguous_m_indices
+
+K, N = 256, 192
+NAN = float("nan")
+
+
+def _contiguous_case(fp8: bool, counts: list[int], n: int = N, k: int = K, round_scale: bool = False):
+    # A trailing block of padding only, as a dispatch that over-allocates leaves it.
+    idx = torch.cat([contiguous_m_indices(counts), torch.full((128,), -1, dtype=torch.int32)])
+    a = inputs.activations((idx.numel(), k), fp8, "cpu", round_scale)
+    b = inputs.weights((len(counts), n, k), fp8, "cpu", round_scale)
+    out = torch.full((idx.numel(), n), NAN, dtype=torch.bfloat16)
+    return a, b, out, idx
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_contiguous(fp8):
+    torch.manual_seed(1)
+    a, b, out, idx = _contiguous_case(fp8, [100, 0, 200, 128, 1])
+    gemm.m_grouped_gemm_contiguous(a, b, out, idx)
+    reference.check(out, reference.contiguous_reference(a, b, idx), fp8)
+
+
+def test_contiguous_padding_anywhere_in_a_block():
+    torch.manual_seed(2)
+    a, b, out, idx = _contiguous_case(False, [128, 128])
+    idx[torch.tensor([0, 5, 64, 127, 130, 200])] = -1
+    gemm.m_grouped_gemm_contiguous(a, b, out, idx)
+    reference.check(out, reference.contiguous_reference(a, b, idx), False)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_masked(fp8):
+    torch.manual_seed(3)
+    g, m_max = 4, 150
+    a = inputs.activations((g, m_max, K), fp8, "cpu")
+    b = inputs.weights((g, N, K), fp8, "cpu")
+    masked_m = torch.tensor([150, 0, 77, 1], dtype=torch.int32)
+    out = torch.full((g, m_max, N), NAN, dtype=torch.bfloat16)
+    gemm.m_grouped_gemm_masked(a, b, out, masked_m, expected_m=64)
+    reference.check(out, reference.masked_reference(a, b, masked_m), fp8)
+
+
+def test_dense_fp8():
+    torch.manual_seed(4)
+    a, b = inputs.activations((70, 384), True, "cpu"), inputs.weights((320, 384), True, "cpu")
+    out = torch.full((70, 320), NAN, dtype=torch.bfloat16)
+    gemm.gemm_fp8_nt(a, b, out)
+    reference.check(out, reference.dense_reference(a, b), True)
+
+
+def test_empty_inputs_leave_out_untouched():
+    torch.manual_seed(5)
+    a, b, out, idx = _contiguous_case(True, [0, 0])
+    gemm.m_grouped_gemm_contiguous(a, b, out, idx)
+    assert out.isnan().all()
+    a = inputs.activations((2, 64, K), False, "cpu")
+    out = torch.full((2, 64, N), NAN, dtype=torch.bfloat16)
+    gemm.m_grouped_gemm_masked(a, inputs.weights((2, N, K), False, "cpu"), out, torch.zeros(2, dtype=torch.int32), 0)
+    assert out.isnan().all()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_every_candidate_tile_config(fp8):
+    torch.manual_seed(6)
+    a, b, out, idx = _contiguous_case(fp8, [70, 200, 0], n=320)
+    a_data, sa = a if fp8 else (a, None)
+    b_data, sb = b if fp8 else (b, None)
+    ref = reference.contiguous_reference(a, b, idx)
+    for rows_hint in (32, 4096):
+        for cfg in config.candidates(fp8, rows_hint):
+            out.fill_(NAN)
+            kernel.launch(kernel.CONTIGUOUS, a_data, b_data, out, cfg, sa=sa, sb=sb, m_indices=idx)
+            reference.check(out, ref, fp8)
+
+
+def test_deep_gemm_names_with_packed_ue8m0_scales():
+    torch.manual_seed(7)
+    a, b, out, idx = _contiguous_case(True, [50, 130], k=640, round_scale=True)
+    ref = reference.contiguous_reference(a, b, idx)
+    per_row_b = b[1].repeat_interleave(128, dim=-2)[:, :N]
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a[0], pack_ue8m0(a[1])), (b[0], pack_ue8m0(per_row_b)), out, idx)
+    reference.check(out, ref, True)
+    g, m_max = 2, 40
+    a = inputs.activations((g, m_max, K), True, "cpu")
+    b = inputs.weights((g, N, K), True, "cpu")
+    masked_m = torch.tensor([40, 13], dtype=torch.int32)
+    out = torch.full((g, m_max, N), NAN, dtype=torch.bfloat16)
+    mn_major = a[1].transpose(-1, -2).contiguous().transpose(-1, -2)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked((a[0], mn_major), b, out, masked_m, 32)
+    reference.check(out, reference.masked_reference(a, b, masked_m), True)
+    a16, b16 = inputs.activations((g, m_max, K), False, "cpu"), inputs.weights((g, N, K), False, "cpu")
+    out.fill_(NAN)
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(a16, b16, out, masked_m, 32)
+    reference.check(out, reference.masked_reference(a16, b16, masked_m), False)
+    x, w = inputs.activations((33, K), True, "cpu"), inputs.weights((N, K), True, "cpu")
+    d = torch.full((33, N), NAN, dtype=torch.bfloat16)
+    deep_gemm.fp8_gemm_nt(x, w, d)
+    reference.check(d, reference.dense_reference(x, w), True)
