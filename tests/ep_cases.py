@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ep_inputs import (Scenario, all_inputs, all_reduce_sum, count_matrix, expected_receive, fp8_pair,
-                       local_ids)
+from ep_inputs import (Scenario, all_inputs, all_reduce_sum, count_matrix, expected_low_latency, expected_receive,
+                       fp8_pair, local_ids)
 from moekit.ep import Buffer
+from moekit.fp8 import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8
 
 
 def device() -> torch.device:
@@ -147,3 +148,118 @@ def check_async_and_events(backend: str, sc: Scenario) -> None:
     comb.event.current_stream_wait()
     copies = layout.is_token_in_rank.sum(dim=1, keepdim=True).float()
     assert torch.equal(comb.combined_x, (mine.x.float() * copies).bfloat16())
+
+
+def stand_in_expert(recv_x: torch.Tensor, recv_count: torch.Tensor, rank: int) -> torch.Tensor:
+    """Expert outputs that differ per expert (global expert g scales its rows by g + 1), so a
+    combine that mixed up slots or experts is caught. Rows past ``recv_count`` stay zero."""
+    e_loc = recv_x.shape[0]
+    out = torch.zeros(recv_x.shape, dtype=torch.bfloat16, device=recv_x.device)
+    for e in range(e_loc):
+        n = int(recv_count[e])
+        out[e, :n] = (recv_x[e, :n].float() * (rank * e_loc + e + 1)).bfloat16()
+    return out
+
+
+def expected_combine(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, transform=None) -> torch.Tensor:
+    """What low-latency combine returns after ``stand_in_expert``: sum over slots (in order) of
+    w_k * bf16(row * (g_k + 1)), in float32, then bf16."""
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    rows = transform(x) if transform is not None else x.float()
+    for k in range(idx.shape[1]):
+        g = idx[:, k]
+        y = (rows * (g.clamp(min=0) + 1).unsqueeze(1).float()).bfloat16().float()
+        acc = acc + torch.where((g >= 0).unsqueeze(1), weights[:, k:k + 1] * y, 0.0)
+    return acc.bfloat16()
+
+
+def check_low_latency(backend: str, sc: Scenario, max_tokens: int, use_fp8: bool = False, round_scale: bool = False,
+                      use_ue8m0: bool = False, hook: bool = False) -> dict:
+    """Low-latency dispatch layout, contents and statistics, then the weighted combine (plain,
+    ``out=``, zero-copy), on rank-coded inputs."""
+    me, dev = dist.get_rank(), device()
+    inputs = all_inputs(sc, dev)
+    mine = inputs[me]
+    buf = make_buffer(backend, sc, low_latency_max_tokens=max_tokens)
+    e_loc, rows_per_expert = sc.experts_per_rank, sc.world * max_tokens
+    stats = torch.zeros(e_loc, dtype=torch.int32, device=dev)
+    x = mine.x_random if use_fp8 else mine.x
+    res = buf.low_latency_dispatch(x, mine.topk_idx, max_tokens, sc.num_experts, cumulative_local_expert_recv_stats=stats,
+                                   use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
+                                   return_recv_hook=hook)
+    res.hook()
+    slabs = expected_low_latency(sc, inputs, me)
+    src_info, layout_range, t_max, hidden, num_experts = res.handle
+    assert (t_max, hidden, num_experts) == (max_tokens, sc.hidden, sc.num_experts)
+    assert res.recv_count.cpu().tolist() == [len(s) for s in slabs]
+    assert stats.cpu().tolist() == [len(s) for s in slabs]
+    if use_fp8:
+        data, scales = res.recv_x
+        assert data.shape == (e_loc, rows_per_expert, sc.hidden)
+        groups = sc.hidden // 128
+        width = groups // 4 if use_ue8m0 else groups
+        assert scales.shape == (e_loc, rows_per_expert, width)
+        assert scales.stride(1) == 1, "scales must be column-major in their last two dimensions"
+    else:
+        assert res.recv_x.shape == (e_loc, rows_per_expert, sc.hidden)
+    for e, slab in enumerate(slabs):
+        for i, (s, t, _) in enumerate(slab):
+            src_row = (inputs[s].x_random if use_fp8 else inputs[s].x)[t:t + 1]
+            if use_fp8:
+                want_data, want_scales = per_token_cast_to_fp8(src_row, round_scale)
+                assert torch.equal(data[e, i].view(torch.uint8), want_data[0].view(torch.uint8))
+                want_scales = pack_ue8m0(want_scales)[0] if use_ue8m0 else want_scales[0]
+                assert torch.equal(scales[e, i], want_scales)
+            else:
+                assert torch.equal(res.recv_x[e, i], src_row[0]), f"expert {e} row {i} should be ({s}, {t})"
+            assert int(src_info[e, i]) == t
+        begin = 0
+        for s in range(sc.world):
+            n = sum(1 for src, _, _ in slab if src == s)
+            assert int(layout_range[e, s]) == (begin << 32) | n, f"layout_range[{e}, {s}]"
+            begin += n
+
+    # Combine, weighted, three ways.
+    if use_fp8:
+        data, scales = res.recv_x
+        expert_in = per_token_cast_back(data, scales.contiguous(), torch.bfloat16)
+        def transform(rows: torch.Tensor) -> torch.Tensor:  # what the owner's expert sees: dequantised, in bf16
+            return per_token_cast_back(*per_token_cast_to_fp8(rows, round_scale), torch.bfloat16).float()
+    else:
+        expert_in, transform = res.recv_x, None
+    y = stand_in_expert(expert_in, res.recv_count, me)
+    want = expected_combine(x, mine.topk_idx, mine.topk_weights, transform)
+    out = buf.low_latency_combine(y, mine.topk_idx, mine.topk_weights, res.handle, return_recv_hook=hook)
+    out.hook()
+    torch.testing.assert_close(out.combined_x, want, rtol=1e-2, atol=1e-2)
+    exact = torch.equal(out.combined_x, want)
+    given = torch.empty_like(want)
+    res2 = buf.low_latency_combine(y, mine.topk_idx, mine.topk_weights, res.handle, out=given)
+    assert res2.combined_x.data_ptr() == given.data_ptr()
+    torch.testing.assert_close(given, want, rtol=1e-2, atol=1e-2)
+    staging = buf.get_next_low_latency_combine_buffer(res.handle)
+    assert staging.shape == (e_loc, rows_per_expert, sc.hidden) and staging.dtype == torch.bfloat16
+    staging.copy_(y)
+    res3 = buf.low_latency_combine(y, mine.topk_idx, mine.topk_weights, res.handle, zero_copy=True)
+    torch.testing.assert_close(res3.combined_x, want, rtol=1e-2, atol=1e-2)
+    return {"received": [len(s) for s in slabs], "exact": exact}
+
+
+def check_low_latency_back_to_back(backend: str, sc: Scenario, max_tokens: int) -> None:
+    """Two dispatches before either combine: the alternating buffers keep both results intact."""
+    me, dev = dist.get_rank(), device()
+    inputs = all_inputs(sc, dev)
+    other = all_inputs(Scenario(**{**sc.__dict__, "seed": sc.seed + 1}), dev)
+    buf = make_buffer(backend, sc, low_latency_max_tokens=max_tokens)
+    first = buf.low_latency_dispatch(inputs[me].x, inputs[me].topk_idx, max_tokens, sc.num_experts, use_fp8=False)
+    y1 = stand_in_expert(first.recv_x, first.recv_count, me)
+    second = buf.low_latency_dispatch(other[me].x_random, other[me].topk_idx, max_tokens, sc.num_experts,
+                                      use_fp8=False)
+    y2 = stand_in_expert(second.recv_x, second.recv_count, me)
+    out1 = buf.low_latency_combine(y1, inputs[me].topk_idx, inputs[me].topk_weights, first.handle).combined_x
+    out2 = buf.low_latency_combine(y2, other[me].topk_idx, other[me].topk_weights, second.handle).combined_x
+    torch.testing.assert_close(out1, expected_combine(inputs[me].x, inputs[me].topk_idx, inputs[me].topk_weights),
+                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out2, expected_combine(other[me].x_random, other[me].topk_idx,
+                                                      other[me].topk_weights), rtol=1e-2, atol=1e-2)
+    buf.clean_low_latency_buffer(max_tokens, sc.hidden, sc.num_experts)

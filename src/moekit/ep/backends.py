@@ -55,13 +55,15 @@ def triton_usable(group: dist.ProcessGroup, device: torch.device) -> bool:
 
 
 def available_backends(group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> list[str]:
-    """Backends that can run for ``group`` on ``device``, fastest first (all known ones if not given)."""
-    names = ["torch"]
-    if (group is None or device is None) and _triton_engines_importable():
-        names.insert(0, "triton")
-    elif group is not None and device is not None and triton_usable(group, device):
-        names.insert(0, "triton")
-    return names
+    """Backends that can run for ``group`` on ``device``, fastest first (all known ones if not given).
+
+    On CPU ranks the interpreted triton backend is a test vehicle, far slower than torch: it comes last.
+    """
+    if group is None or device is None:
+        return ["triton", "torch"] if _triton_engines_importable() else ["torch"]
+    if not triton_usable(group, device):
+        return ["torch"]
+    return ["torch", "triton"] if device.type == "cpu" else ["triton", "torch"]
 
 
 def make_engines(name: str, group: dist.ProcessGroup, device: torch.device, settings: EngineSettings) -> tuple[Any, Any]:
