@@ -46,11 +46,13 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
     import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    device_id = None
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device_id = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
     except Exception:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.put((rank, False, traceback.format_exc()))
         return
