@@ -94,7 +94,8 @@ class Cluster:
                        for r in range(world_size)]
         for p in self._procs:
             p.start()
-        self._collect("start-up")
+        # Spawning and importing torch can take a while on a busy machine, whatever the run limit.
+        self._collect("start-up", limit_s=max(timeout_s, 180.0))
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Runs ``fn(*args, **kwargs)`` on every rank (``fn`` must be importable: a module-level function)."""
@@ -102,16 +103,17 @@ class Cluster:
             box.put((fn, args, kwargs))
         return self._collect(getattr(fn, "__name__", repr(fn)))
 
-    def _collect(self, what: str) -> list[Any]:
+    def _collect(self, what: str, limit_s: float | None = None) -> list[Any]:
+        limit_s = self.timeout_s if limit_s is None else limit_s
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         while len(results) + len(errors) < self.world_size:
             try:
-                rank, ok, value = self._outbox.get(timeout=self.timeout_s)
+                rank, ok, value = self._outbox.get(timeout=limit_s)
             except queue.Empty:
                 missing = sorted(set(range(self.world_size)) - set(results) - set(errors))
                 self.close(force=True)
-                raise TimeoutError(f"{what}: rank(s) {missing} did not answer within {self.timeout_s:.0f} s"
+                raise TimeoutError(f"{what}: rank(s) {missing} did not answer within {limit_s:.0f} s"
                                    + (f"; other ranks failed: {RankError(errors)}" if errors else "")) from None
             (results if ok else errors)[rank] = value
         if errors:
