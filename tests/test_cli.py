@@ -15,7 +15,10 @@ def _moekit(*args, timeout=600):
                           env=USER_ENV)
 
 
-@pytest.mark.parametrize("args", [["--ranks", "4"], ["--ranks", "2"], ["--ranks", "2", "--mode", "low-latency", "--tokens", "16"]])
+DEMO_RUNS = [["--ranks", "4"], ["--ranks", "2"], ["--ranks", "2", "--mode", "low-latency", "--tokens", "16"]]
+
+
+@pytest.mark.parametrize("args", DEMO_RUNS)
 def test_demo_check_passes(args):
     proc = _moekit("demo", "--steps", "2", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
