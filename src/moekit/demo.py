@@ -34,8 +34,12 @@ def rank_forward(config: MoEConfig, tokens: int, steps: int, backend: str, mode:
     per_rank = config.num_experts // world
     local.gate_up.data.copy_(experts.gate_up.data[rank * per_rank:(rank + 1) * per_rank])
     local.down.data.copy_(experts.down.data[rank * per_rank:(rank + 1) * per_rank])
+    hidden_bytes = config.hidden * 2
+    nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, world)
+              for c in (Buffer.get_dispatch_config(world), Buffer.get_combine_config(world)))
     rdma = Buffer.get_low_latency_rdma_size_hint(tokens, config.hidden, world, config.num_experts)
-    buffer = Buffer(None, num_rdma_bytes=rdma, low_latency_mode=mode == "low-latency", backend=backend)
+    buffer = Buffer(None, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=mode == "low-latency",
+                    backend=backend)
     layer = ExpertParallelMoE(buffer, router, local, config.num_experts, mode=mode, max_tokens=tokens)
 
     gen = torch.Generator(device=device).manual_seed(1000 + rank)
