@@ -1,3 +1,3 @@
 """The EP backends that the backend-parametrized tests run against."""
 
-EP_BACKENDS = ["torch"]
+EP_BACKENDS = ["torch", "triton"]

@@ -45,3 +45,10 @@ def test_low_latency_back_to_back(clusters, backend):
 def test_low_latency_gpu(gpu_cluster, backend, tokens, hidden, topk):
     sc = Scenario(tokens=[tokens, max(tokens // 2, 0)], hidden=hidden, num_experts=256, topk=topk)
     gpu_cluster.run(ep_cases.check_low_latency, backend, sc, tokens, True, True, False, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", EP_BACKENDS)
+def test_low_latency_back_to_back_gpu(gpu_cluster, backend):
+    gpu_cluster.run(ep_cases.check_low_latency_back_to_back, backend,
+                    Scenario(tokens=[128, 64], hidden=7168, num_experts=256, topk=8), 128)

@@ -20,11 +20,17 @@ class DispatchHandle(NamedTuple):
         recv_src_idx: int32 [M]: each received row's token index on its source rank (-1 on padding
             rows when ``num_worst_tokens`` was given; then M = num_worst_tokens).
         is_token_in_rank: bool [N, R] of the sending side: which tokens went where.
+        max_recv_rows: the most rows any rank of the group received (a host int), or ``None``.
+        max_tokens_per_rank: the most tokens any rank of the group sent from, or ``None``. The triton
+            engine sizes the rounds of cached dispatch and combine from these two without asking the
+            device; engines that need no rounds leave them ``None``.
     """
 
     rank_prefix_matrix: torch.Tensor
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
+    max_recv_rows: Optional[int] = None
+    max_tokens_per_rank: Optional[int] = None
 
 
 class DispatchResult(NamedTuple):
@@ -84,6 +90,32 @@ class LowLatencyHandle(tuple):
     @property
     def layout_range(self) -> torch.Tensor:
         return self[1]
+
+
+def empty_low_latency_outputs(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: int, num_topk: int,
+                              use_fp8: bool, use_ue8m0: bool, device: torch.device):
+    """Fresh receive tensors of a low-latency dispatch: ``(recv_data, recv_scales, recv_count, handle)``.
+
+    Shapes as :class:`LowLatencyDispatchResult` documents; FP8 scales are column-major in their last
+    two dimensions (allocated [E_loc, width, R*T] and transposed), as TMA-based grouped GEMMs read them.
+    """
+    e_loc, rows = num_experts // num_ranks, num_ranks * num_max_tokens
+    recv_data = torch.empty((e_loc, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                            device=device)
+    recv_scales = None
+    if use_fp8:
+        groups = hidden // 128
+        width = (groups + 3) // 4 if use_ue8m0 else groups
+        dtype = torch.int32 if use_ue8m0 else torch.float32
+        recv_scales = torch.empty((e_loc, width, rows), dtype=dtype, device=device).transpose(1, 2)
+    recv_count = torch.empty(e_loc, dtype=torch.int32, device=device)
+    handle = LowLatencyHandle(torch.empty((e_loc, rows), dtype=torch.int32, device=device),
+                              torch.empty((e_loc, num_ranks), dtype=torch.int64, device=device),
+                              num_max_tokens, hidden, num_experts,
+                              src_rank=torch.empty((e_loc, rows), dtype=torch.int64, device=device),
+                              src_slot=torch.empty((e_loc, rows), dtype=torch.int64, device=device),
+                              num_topk=num_topk)
+    return recv_data, recv_scales, recv_count, handle
 
 
 class LowLatencyDispatchResult(NamedTuple):

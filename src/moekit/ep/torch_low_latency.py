@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from moekit.ep.agreement import check_agreement
-from moekit.ep.results import LowLatencyHandle
+from moekit.ep.results import LowLatencyHandle, empty_low_latency_outputs
 from moekit.ep.rows import pack_rows, unpack_rows
-from moekit.fp8 import GROUP, pack_ue8m0, per_token_cast_to_fp8
+from moekit.fp8 import pack_ue8m0, per_token_cast_to_fp8
 
 
 class TorchLowLatency:
@@ -66,21 +66,9 @@ class TorchLowLatency:
         work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
 
         rows = r * t_max
-        recv_data = torch.empty((e_loc, rows, hidden), dtype=payload[0].dtype, device=self.device)
-        recv_scales = None
-        if use_fp8:
-            groups = hidden // GROUP
-            width = (groups + 3) // 4 if use_ue8m0 else groups
-            dtype = torch.int32 if use_ue8m0 else torch.float32
-            # Column-major in the last two dimensions, as TMA-based grouped GEMMs read them.
-            recv_scales = torch.empty((e_loc, width, rows), dtype=dtype, device=self.device).transpose(1, 2)
-        recv_count = torch.empty(e_loc, dtype=torch.int32, device=self.device)
-        src_info = torch.empty((e_loc, rows), dtype=torch.int32, device=self.device)
-        layout_range = torch.empty((e_loc, r), dtype=torch.int64, device=self.device)
-        src_rank = torch.empty((e_loc, rows), dtype=torch.int64, device=self.device)
-        src_slot = torch.empty((e_loc, rows), dtype=torch.int64, device=self.device)
-        handle = LowLatencyHandle(src_info, layout_range, t_max, hidden, num_experts,
-                                  src_rank=src_rank, src_slot=src_slot, num_topk=k)
+        recv_data, recv_scales, recv_count, handle = empty_low_latency_outputs(
+            r, t_max, hidden, num_experts, k, use_fp8, use_ue8m0, self.device)
+        src_info, layout_range, src_rank, src_slot = handle.src_info, handle.layout_range, handle.src_rank, handle.src_slot
 
         def receive() -> None:
             work.wait()

@@ -14,8 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-# What a timed-out wait writes into the error record: [timed_out, op, rank, peer].
+# What a timed-out wait writes into the error record: [timed_out, op, rank, peer]. A receiver that
+# finds a peer's call different from its own (sizes, formats) writes [MISMATCH, op, rank, peer].
 ERROR_WORDS = 4
+MISMATCH = 2
 OPS = ("dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "notify", "barrier")
 
 
@@ -46,7 +48,9 @@ def signal(flag_ptr, value):
 def poll(flag_ptr):
     """Reads a flag with acquire ordering and without writing (a compare-and-swap that never matches,
     flags being >= 0), so a concurrent writer's update is never lost."""
-    return tl.atomic_cas(flag_ptr, -1, -1, sem="acquire", scope="sys")
+    # The operands take the pointer's shape: atomic_cas does not broadcast scalars to a block.
+    never = tl.full(flag_ptr.shape, -1, tl.int64)
+    return tl.atomic_cas(flag_ptr, never, never, sem="acquire", scope="sys")
 
 
 @triton.jit
@@ -78,6 +82,36 @@ def wait_geq(flag_ptr, target, max_wait, error_ptr, op, rank, peer, INTERPRET: t
 
 
 @triton.jit
+def wait_all_geq(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, INTERPRET: tl.constexpr):
+    """Vector form of :func:`wait_geq`: spins until every flag under ``mask`` is ``>= target``.
+
+    ``flag_ptrs`` must be valid addresses in every lane (masked-off lanes are polled but ignored);
+    ``peers`` (same shape) names the rank that sets each flag, for the error record. One poll of a
+    block of flags per spin instead of one wait per flag keeps a wait for many writers cheap.
+    """
+    values = tl.where(mask, poll(flag_ptrs), target)
+    if INTERPRET:
+        start = 0
+    else:
+        start = tl.extra.cuda.globaltimer()
+    waited = start - start
+    while (tl.min(values, axis=0) < target) & (waited < max_wait):
+        values = tl.where(mask, poll(flag_ptrs), target)
+        if INTERPRET:
+            waited += 1
+        else:
+            waited = tl.extra.cuda.globaltimer() - start
+    arrived = tl.min(values, axis=0) >= target
+    if not arrived:
+        late = tl.min(tl.where(values < target, peers, 1 << 30), axis=0)
+        tl.atomic_xchg(error_ptr + 1, op)
+        tl.atomic_xchg(error_ptr + 2, rank)
+        tl.atomic_xchg(error_ptr + 3, late)
+        tl.atomic_xchg(error_ptr, 1)
+    return arrived
+
+
+@triton.jit
 def error_pointer(error_addr):
     """The error record's address (an int64 kernel argument) as a pointer."""
     return error_addr.to(tl.pointer_type(tl.int64))
@@ -97,10 +131,16 @@ class ErrorRecord:
         self.address = self.words.data_ptr()
 
     def check(self, timeout_s: float) -> None:
-        """Raises ``TimeoutError`` naming the op, rank and peer if a wait gave up (and clears it)."""
-        if int(self.words[0]):
+        """Raises ``TimeoutError`` naming the op, rank and peer if a wait gave up, or ``ValueError``
+        naming both ranks if a peer's call disagreed with this rank's (and clears the record)."""
+        kind = int(self.words[0])
+        if kind:
             op, rank, peer = (int(w) for w in self.words[1:])
             self.words.zero_()
             name = OPS[op] if 0 <= op < len(OPS) else f"op {op}"
+            if kind == MISMATCH:
+                raise ValueError(f"{name}: ranks {rank} and {peer} disagree on the call (sizes, top-k or formats: "
+                                 f"rank {rank} received from rank {peer} a call unlike its own); every rank must "
+                                 "pass the same")
             raise TimeoutError(f"{name}: rank {rank} waited more than {timeout_s:g} s for rank {peer}; "
                                f"is rank {peer} alive and calling {name} too?")

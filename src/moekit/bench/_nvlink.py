@@ -1,0 +1,80 @@
+"""Pieces the expert-parallel benchmarks share: what NVLink and NCCL do on the same machine, in the
+same run, and the routing the benchmarks time.
+
+Every function here runs on every rank of the current default group (one process per GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moekit.bench.timing import median_us
+
+
+def add_size_args(parser) -> None:
+    """The sizes the dispatch / combine benchmarks sweep (DeepEP's test sizes by default)."""
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--sms", type=int, default=24, help="SMs the moekit kernels may use")
+
+
+def peer_copy_bandwidth_gbps(nbytes: int) -> float:
+    """GB/s (1e9 bytes/s) one GPU pushes into the next rank's GPU with the copy engine while every
+    GPU pushes at once: the practical NVLink ceiling a kernel can be measured against."""
+    world = dist.get_world_size()
+    here = torch.cuda.current_device()
+    peer = (here + 1) % torch.cuda.device_count()
+    src = torch.empty(nbytes, dtype=torch.uint8, device=here).random_(0, 255)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=peer)
+
+    def push():
+        dst.copy_(src, non_blocking=True)
+
+    dist.barrier()
+    us = median_us(push, warmup=3, repeat=10, setup=lambda: dist.barrier() if world > 1 else None)
+    return nbytes / us / 1e3
+
+
+def nccl_all_to_all_us(send_rows: list[int], recv_rows: list[int], row_bytes: int) -> float:
+    """Median microseconds of NCCL ``all_to_all_single`` moving rows of ``row_bytes`` already grouped
+    by destination (``send_rows[r]`` to rank r, ``recv_rows[r]`` from it): the baseline a dispatch or
+    combine is compared with; no permutation is counted against it."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    send = torch.empty(sum(send_rows), row_bytes, dtype=torch.uint8, device=device).random_(0, 255)
+    recv = torch.empty(sum(recv_rows), row_bytes, dtype=torch.uint8, device=device)
+
+    def exchange():
+        dist.all_to_all_single(recv, send, recv_rows, send_rows)
+
+    return median_us(exchange, warmup=3, repeat=10, setup=dist.barrier)
+
+
+def random_routing(num_tokens: int, hidden: int, topk: int, num_experts: int, seed: int):
+    """bf16 [N, H] activations, int64 [N, K] distinct random experts, float32 [N, K] weights (on the GPU)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+    scores = torch.rand(num_tokens, num_experts, device=device, generator=gen)
+    idx = scores.topk(topk, dim=1).indices
+    weights = torch.rand(num_tokens, topk, device=device, generator=gen)
+    return x, idx, weights
+
+
+def run_sizes(title: str, sizes: list[int], fn, *args) -> list[dict]:
+    """Runs ``fn(num_tokens, *args)`` on 2 GPU ranks for each size, with a progress bar; rank 0's rows."""
+    from rich.progress import Progress
+
+    from moekit.testing.cluster import Cluster
+
+    if torch.cuda.device_count() < 2:
+        raise SystemExit(f"{title}: needs 2 GPUs joined by NVLink, found {torch.cuda.device_count()}")
+    rows = []
+    with Cluster(2, backend="nccl", timeout_s=600) as cluster, Progress() as progress:
+        task = progress.add_task(title, total=len(sizes))
+        for n in sizes:
+            rows.extend(cluster.run(fn, n, *args)[0])
+            progress.advance(task)
+    return rows

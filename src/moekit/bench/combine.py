@@ -1,0 +1,61 @@
+"""``python -m moekit bench combine``: high-throughput combine (bf16) on 2 GPUs against NCCL.
+
+The rows a dispatch delivered go back and are summed per token; NCCL ``all_to_all_single`` moves the
+same rows back (no reduction counted against it); moekit's torch backend does the same combine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from moekit.bench._nvlink import add_size_args, nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, run_sizes
+from moekit.bench.dispatch import COLUMNS
+from moekit.bench.report import Report, add_output_args
+from moekit.bench.timing import median_us
+
+
+def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
+    """On each rank: combine timings for ``num_tokens`` tokens."""
+    from moekit.ep import Buffer
+
+    Buffer.set_num_sms(num_sms)
+    rank = dist.get_rank()
+    x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=rank)
+    fast = Buffer(num_nvl_bytes=2 * num_tokens * (hidden * 2 + 16 * topk + 64), backend="triton")
+    ref = Buffer(backend="torch")
+    layout = fast.get_dispatch_layout(idx, num_experts)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                topk_idx=idx, topk_weights=weights)
+    d = fast.dispatch(x, **args)
+    d_ref = ref.dispatch(x, **args)
+    peer_gbps = peer_copy_bandwidth_gbps(256 << 20)
+    us = median_us(lambda: fast.combine(d.recv_x, d.handle), setup=dist.barrier)
+    torch_us = median_us(lambda: ref.combine(d_ref.recv_x, d_ref.handle), warmup=2, repeat=5, setup=dist.barrier)
+    prefix = d.handle.rank_prefix_matrix.to(torch.int64)
+    counts = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
+    back, home = counts[:, rank].tolist(), counts[rank].tolist()
+    row_bytes = hidden * 2
+    nccl_us = nccl_all_to_all_us(back, home, row_bytes)
+    remote = sum(back) - back[rank]
+    return [dict(tokens=num_tokens, format="bf16", us_cached=us, us=us, gbps_deepep=sum(back) * row_bytes / us / 1e3,
+                 gbps_nvlink=remote * row_bytes / us / 1e3, nccl_us=nccl_us, vs_nccl=nccl_us / us,
+                 torch_us=torch_us, peer_fraction=remote * row_bytes / us / 1e3 / peer_gbps, sms=num_sms,
+                 peer_gbps=peer_gbps)]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moekit bench combine", description=__doc__)
+    add_size_args(parser)
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    columns = {k: v for k, v in COLUMNS.items() if k not in ("us_cached", "format")}
+    report = Report("combine bf16, 2 GPUs (rank 0)", columns,
+                    settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
+    for row in run_sizes("combine", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms):
+        report.add(**row)
+    report.notes.append(f"peer copy-engine bandwidth, both GPUs pushing: {report.rows[0]['peer_gbps']:.0f} GB/s")
+    report.finish(args, x="tokens", series=["us", "nccl_us"], ylabel="us")
+    return 0

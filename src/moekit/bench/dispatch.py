@@ -1,0 +1,73 @@
+"""``python -m moekit bench dispatch``: high-throughput dispatch on 2 GPUs against NCCL.
+
+Times moekit's triton backend (with the handle reused, as DeepEP's test times it, and without),
+NCCL ``all_to_all_single`` moving the same remote bytes (rows already grouped by destination) and
+moekit's torch backend, for bf16 and FP8 rows; reports GB/s as DeepEP counts them (every received
+byte) and as bytes that crossed NVLink, against the copy engine's peer bandwidth in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from moekit.bench._nvlink import add_size_args, nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, run_sizes
+from moekit.bench.report import Report, add_output_args
+from moekit.bench.timing import median_us
+
+COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
+           "gbps_deepep": "GB/s DeepEP", "gbps_nvlink": "GB/s NVLink", "nccl_us": "NCCL us",
+           "vs_nccl": "x NCCL", "torch_us": "torch-backend us", "peer_fraction": "of peer BW", "sms": "SMs"}
+
+
+def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
+    """On each rank: dispatch timings for bf16 and FP8 rows of ``num_tokens`` tokens."""
+    from moekit.ep import Buffer
+    from moekit.fp8 import per_token_cast_to_fp8
+
+    Buffer.set_num_sms(num_sms)
+    rank = dist.get_rank()
+    x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=rank)
+    need = 2 * num_tokens * (hidden * 2 + 4 * hidden // 128 + 16 * topk + 64)
+    fast = Buffer(num_nvl_bytes=need, backend="triton")
+    ref = Buffer(backend="torch")
+    layout = fast.get_dispatch_layout(idx, num_experts)
+    peer_gbps = peer_copy_bandwidth_gbps(256 << 20)
+    rows = []
+    for fmt in ("bf16", "fp8"):
+        data = x if fmt == "bf16" else per_token_cast_to_fp8(x)
+        args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                    topk_idx=idx, topk_weights=weights)
+        d = fast.dispatch(data, **args)
+        us_cached = median_us(lambda: fast.dispatch(data, handle=d.handle), setup=dist.barrier)
+        us = median_us(lambda: fast.dispatch(data, **args), setup=dist.barrier)
+        torch_us = median_us(lambda: ref.dispatch(data, **args), warmup=2, repeat=5, setup=dist.barrier)
+        row_bytes = hidden * (2 if fmt == "bf16" else 1) + (0 if fmt == "bf16" else 4 * hidden // 128)
+        prefix = d.handle.rank_prefix_matrix.to(torch.int64)
+        counts = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
+        send, recv = counts[rank].tolist(), counts[:, rank].tolist()
+        nccl_us = nccl_all_to_all_us(send, recv, row_bytes)
+        remote = sum(recv) - recv[rank]
+        rows.append(dict(tokens=num_tokens, format=fmt, us_cached=us_cached, us=us,
+                         gbps_deepep=sum(recv) * row_bytes / us_cached / 1e3,
+                         gbps_nvlink=remote * row_bytes / us_cached / 1e3, nccl_us=nccl_us,
+                         vs_nccl=nccl_us / us_cached, torch_us=torch_us,
+                         peer_fraction=remote * row_bytes / us_cached / 1e3 / peer_gbps, sms=num_sms,
+                         peer_gbps=peer_gbps))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moekit bench dispatch", description=__doc__)
+    add_size_args(parser)
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    report = Report("dispatch, 2 GPUs (rank 0)", COLUMNS,
+                    settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
+    for row in run_sizes("dispatch", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms):
+        report.add(**row)
+    report.notes.append(f"peer copy-engine bandwidth, both GPUs pushing: {report.rows[0]['peer_gbps']:.0f} GB/s")
+    report.finish(args, x="tokens", series=["us_cached", "nccl_us"], group="format", ylabel="us")
+    return 0

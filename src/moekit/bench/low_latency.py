@@ -1,0 +1,175 @@
+"""Low-latency dispatch / combine (decoding) on 2 GPUs: the triton backend against the torch
+backend (NCCL, eager: its per-call rank check synchronises with the host) on the same inputs.
+
+Per tokens-per-rank T: median latency of dispatch (FP8, per-128-channel scales) and combine (bf16,
+weighted) over graph replays; with the receive hook, the send and the receive parts apart (the
+receive timed after both ranks' sends finished, so it holds no waiting). The floor is the bytes
+that cross NVLink (pairs whose expert is on the other GPU: FP8 ``H + H/128*4 + 16`` bytes each,
+bf16 ``2H`` back) over the measured peer bandwidth, plus one measured flag round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from moekit.bench.report import Report, add_output_args
+
+WORLD = 2
+
+
+def _inputs(t: int, hidden: int, experts: int, topk: int, seed: int, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, hidden, generator=gen, device=device).bfloat16()
+    idx = torch.rand(t, experts, generator=gen, device=device).topk(topk, dim=1).indices
+    weights = torch.rand(t, topk, generator=gen, device=device)
+    return x, idx, weights
+
+
+def _medians(steps: list[Callable[[], object]], repeat: int, settle_before: set[int]) -> list[float]:
+    """Runs ``steps`` in order ``repeat`` times (after 3 warm-up rounds); returns each one's median
+    microseconds (device events). Before the steps whose index is in ``settle_before`` both ranks
+    synchronise, so those are timed without waiting for the peer."""
+    times: list[list[float]] = [[] for _ in steps]
+    for step in range(repeat + 3):
+        for i, run in enumerate(steps):
+            if i in settle_before:
+                torch.cuda.synchronize()
+                dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            if step >= 3:
+                times[i].append(start.elapsed_time(end) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def _capture(fns: list[Callable[[], object]]) -> list[torch.cuda.CUDAGraph]:
+    graphs = []
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    return graphs
+
+
+def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, repeat: int, hook: bool,
+                  graphs: bool = True) -> list[float]:
+    """[dispatch, combine] medians, or with ``hook`` [dispatch send, receive, combine send, receive];
+    replayed from CUDA graphs, or with ``graphs=False`` called eagerly."""
+    from moekit.ep import Buffer
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    rdma = Buffer.get_low_latency_rdma_size_hint(t, hidden, WORLD, experts)
+    buf = Buffer(None, num_rdma_bytes=rdma, low_latency_mode=True, backend=backend)
+    x, idx, weights = _inputs(t, hidden, experts, topk, dist.get_rank(), dev)
+    state: dict[str, object] = {}
+
+    def dispatch():
+        state["d"] = buf.low_latency_dispatch(x, idx, t, experts, use_fp8=True, return_recv_hook=hook)
+
+    def combine():
+        res = state["d"]
+        y = torch.zeros(res.recv_x[0].shape, dtype=torch.bfloat16, device=dev) if "y" not in state else state["y"]
+        state["y"] = y
+        state["c"] = buf.low_latency_combine(y, idx, weights, res.handle, return_recv_hook=hook)
+
+    # One eager round compiles the kernels and checks the arguments; the graphs then hold no checks.
+    dispatch(), state["d"].hook(), combine(), state["c"].hook()
+    torch.cuda.synchronize()
+    steps = [dispatch, lambda: state["d"].hook(), combine, lambda: state["c"].hook()]
+    if not hook:
+        steps = [lambda: (dispatch(), state["d"].hook()), lambda: (combine(), state["c"].hook())]
+    if graphs:
+        steps = [g.replay for g in _capture(steps)]
+    medians = _medians(steps, repeat, settle_before={1, 3} if hook else set())
+    torch.cuda.synchronize()
+    dist.barrier()
+    return medians
+
+
+def _crossing_bytes(t: int, hidden: int, experts: int, topk: int) -> tuple[int, int]:
+    """Bytes that rank 0 sends to rank 1 in dispatch (FP8 messages) and in combine (bf16 rows)."""
+    _, idx, _ = _inputs(t, hidden, experts, topk, 0, torch.device("cuda", torch.cuda.current_device()))
+    pairs = int((idx >= experts // WORLD).sum())
+    return pairs * (hidden + hidden // 128 * 4 + 16), pairs * 2 * hidden
+
+
+def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: int) -> list[dict] | None:
+    from moekit.bench._flags import flag_round_trip_us
+
+    group = dist.group.WORLD
+    dev = torch.device("cuda", torch.cuda.current_device())
+    round_trip = flag_round_trip_us(group, dev)
+    try:
+        from moekit.bench._nvlink import peer_copy_bandwidth_gbps
+    except ImportError:
+        bandwidth = None
+    else:  # the link's rate, from a copy large enough that launch latency does not count
+        bandwidth = peer_copy_bandwidth_gbps(256 << 20)
+    rows = []
+    for t in tokens:
+        triton_d, triton_c = _time_backend("triton", t, hidden, experts, topk, repeat, hook=False)
+        send_d, recv_d, send_c, recv_c = _time_backend("triton", t, hidden, experts, topk, repeat, hook=True)
+        # The torch backend runs eagerly: its per-call rank check synchronises with the host.
+        torch_d, torch_c = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
+        bytes_d, bytes_c = _crossing_bytes(t, hidden, experts, topk)
+        row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_send_us": send_d,
+               "dispatch_recv_us": recv_d, "combine_send_us": send_c, "combine_recv_us": recv_c,
+               "torch_dispatch_us": torch_d, "torch_combine_us": torch_c, "dispatch_mb": bytes_d / 1e6,
+               "combine_mb": bytes_c / 1e6, "flag_rt_us": round_trip}
+        if bandwidth is not None:
+            row["peer_gbps"] = bandwidth
+            for op, nbytes in (("dispatch", bytes_d), ("combine", bytes_c)):
+                floor = nbytes / (bandwidth * 1e3) + round_trip
+                row[f"{op}_floor_us"] = floor
+                row[f"{op}_x_floor"] = row[f"{op}_us"] / floor
+        for op in ("dispatch", "combine"):
+            row[f"{op}_speedup"] = row[f"torch_{op}_us"] / row[f"{op}_us"]
+        rows.append(row)
+    return rows if dist.get_rank() == 0 else None
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moekit bench low-latency", description=__doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 256], help="tokens per rank (T)")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=50, help="timed graph replays (median reported)")
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    if torch.cuda.device_count() < WORLD:
+        print(f"bench low-latency needs {WORLD} CUDA GPUs; found {torch.cuda.device_count()}")
+        return 2
+    from moekit.testing.cluster import Cluster
+
+    with Cluster(WORLD, backend="nccl", timeout_s=600) as cluster:
+        rows = cluster.run(_rank_main, args.tokens, args.hidden, args.experts, args.topk, args.repeat)[0]
+    report = Report(
+        title=f"low-latency dispatch (FP8) / combine (bf16), 2 GPUs, H={args.hidden}, top-{args.topk}, "
+              f"{args.experts} experts, CUDA-graph replay (us)",
+        columns={"tokens": "T", "dispatch_us": "dispatch", "dispatch_send_us": "d send", "dispatch_recv_us": "d recv",
+                 "dispatch_floor_us": "d floor", "dispatch_x_floor": "d / floor", "torch_dispatch_us": "torch d (eager)",
+                 "dispatch_speedup": "d speedup", "combine_us": "combine", "combine_send_us": "c send",
+                 "combine_recv_us": "c recv", "combine_floor_us": "c floor", "combine_x_floor": "c / floor",
+                 "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},
+        settings=vars(args) | {"world": WORLD},
+        rows=rows,
+    )
+    first = rows[0] if rows else {}
+    report.notes.append(f"flag round trip {first.get('flag_rt_us', float('nan')):.2f} us; floor = bytes crossing "
+                        "NVLink / peer copy bandwidth + one flag round trip; hook mode: receive timed after both "
+                        "ranks' sends completed")
+    if rows and "dispatch_floor_us" not in first:
+        report.notes.append("no floor: moekit.bench._nvlink (peer bandwidth) is not available")
+    report.finish(args, x="tokens", series=["dispatch_us", "combine_us", "torch_dispatch_us", "torch_combine_us"],
+                  ylabel="us")
+    return 0

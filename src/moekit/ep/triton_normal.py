@@ -1,0 +1,246 @@
+"""The ``triton`` backend of high-throughput dispatch / combine: kernels that write rows straight
+into peers' memory on a symmetric heap (NVLink on GPUs of one host; a simulated heap under
+``TRITON_INTERPRET=1``).
+
+A dispatch exchanges counts (:mod:`~moekit.ep.kernels.notify`), after which every sender knows the
+final row of each of its tokens at each receiver. The rows then move in rounds through the heap
+region (one round when ``num_nvl_bytes`` holds the worst case; more when it does not): each sender
+writes its rows at their final offsets, each receiver copies its region into fresh outputs. Combine
+does the reverse, summing in float32 in rank order. Cross-rank waits are timed; a wait that gives up
+is reported by :class:`~moekit.ep.kernels.sync.ErrorRecord` and raised as ``TimeoutError``.
+
+Host synchronisation: one read of the count table per non-cached dispatch without
+``num_worst_tokens`` (to size the outputs, as DeepEP does) and the per-expert list; none with
+``num_worst_tokens``, in combine, or in a cached dispatch with a handle of this engine (one read of
+the prefix matrix for a handle made elsewhere, or a padded handle reused without padding), so those
+paths can be captured in CUDA graphs. Epochs live on
+the device and grow with every round, so replays of a captured graph keep the flags consistent.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from moekit.ep.heap import HeapLayout, SymmetricHeap, interpreting
+from moekit.ep.kernels.combine import combine_round
+from moekit.ep.kernels.dispatch import MAX_PROGRAMS, dispatch_round
+from moekit.ep.kernels.notify import notify
+from moekit.ep.kernels.sync import ErrorRecord, wait_budget
+from moekit.ep.results import DispatchHandle
+from moekit.ep.torch_backend import TorchDispatcher
+from moekit.ep.validate import CheckedActivation
+
+# Heap bytes for rows when the Buffer asks for none (num_nvl_bytes=0, as low-latency-only users pass).
+_MIN_REGION_BYTES = 1 << 20
+# Programs per launch under the interpreter, which runs them one after another.
+_INTERPRETED_PROGRAMS = 2
+
+
+def _aligned(n: int, align: int = 16) -> int:
+    return (n + align - 1) // align * align
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _arrays(capacity: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Byte offsets of arrays of ``capacity`` rows of ``sizes[name]`` bytes, laid end to end, 16-aligned."""
+    offsets, at = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = at
+        at += _aligned(capacity * size)
+    return offsets
+
+
+def _capacity(region_bytes: int, sizes: dict[str, int]) -> int:
+    """Most rows whose arrays (see ``_arrays``) fit in ``region_bytes``."""
+    return max((region_bytes - 16 * len(sizes)) // sum(sizes.values()), 0)
+
+
+class TritonDispatcher:
+    """High-throughput dispatch / combine over ``group`` with Triton kernels on a symmetric heap.
+
+    Args:
+        group: the expert-parallel group (every rank on one host, or interpreted CPU ranks).
+        device: this rank's device.
+        settings: :class:`~moekit.ep.backends.EngineSettings`; ``num_nvl_bytes`` sizes the row
+            region (rounds are chunked when it is small), ``timeout_s`` limits every wait.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, settings) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = device
+        self.interpret = interpreting()
+        self.timeout_s = settings.timeout_s
+        self.max_wait = wait_budget(self.timeout_s, self.interpret)
+        r = self.num_ranks
+        layout = HeapLayout()
+        self.table_off = layout.add("table", (r, r + 1), torch.int64)
+        self.notify_off = layout.add("notify", (r,), torch.int64)
+        self.ready_off = layout.add("ready", (r, MAX_PROGRAMS), torch.int64)
+        self.consumed_off = layout.add("consumed", (r, MAX_PROGRAMS), torch.int64)
+        self.region_bytes = settings.num_nvl_bytes or _MIN_REGION_BYTES
+        self.region_off = layout.add("region", (self.region_bytes,), torch.uint8)
+        self.heap = SymmetricHeap(group, layout.size, device)
+        self.errors = ErrorRecord(device)
+        # [notify exchanges done, rounds done]: on the device so that graph replays advance them.
+        self.epochs = torch.zeros(2, dtype=torch.int64, device=device)
+        self.prev_programs = 0
+        self.dummy = torch.zeros(16, dtype=torch.int64, device=device)
+        # recv_src_idx of this engine's num_worst_tokens dispatches (padded: more rows than were received),
+        # by id: tensors compare elementwise, so they cannot be set members themselves.
+        self._padded: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+    # ------------------------------------------------------------------ helpers
+    def _programs(self) -> int:
+        from moekit.ep.buffer import Buffer
+
+        programs = min(Buffer.num_sms, MAX_PROGRAMS)
+        return min(programs, _INTERPRETED_PROGRAMS) if self.interpret else programs
+
+    def _check(self) -> None:
+        self.errors.check(self.timeout_s)
+
+    def _region(self, sizes: dict[str, int], what: str) -> tuple[int, dict[str, int]]:
+        capacity = _capacity(self.region_bytes, sizes)
+        if capacity < 1:
+            raise ValueError(f"num_nvl_bytes: {self.region_bytes} bytes cannot hold one {what} of "
+                             f"{sum(sizes.values())} bytes; pass a larger num_nvl_bytes to Buffer")
+        return capacity, {k: self.region_off + v for k, v in _arrays(capacity, sizes).items()}
+
+    def _common(self) -> dict:
+        return dict(heap_ptrs=self.heap.ptrs, ready_off=self.ready_off, consumed_off=self.consumed_off,
+                    rank=self.rank, max_wait=self.max_wait, error_addr=self.errors.address,
+                    interpret=self.interpret, dummy=self.dummy)
+
+    # ------------------------------------------------------------------ dispatch
+    def _exchange_counts(self, num_tokens_per_rank: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        row = torch.cat([num_tokens_per_rank.to(torch.int64),
+                         torch.full((1,), num_tokens, dtype=torch.int64, device=self.device)])
+        table = notify(row, self.heap.ptrs, self.table_off, self.notify_off, self.epochs[0:1], self.rank,
+                       self.max_wait, self.errors.address, self.interpret)
+        self.epochs[0:1].add_(1)
+        return table
+
+    def dispatch(self, x: CheckedActivation, *, handle: DispatchHandle | None,
+                 num_tokens_per_rank: torch.Tensor | None, is_token_in_rank: torch.Tensor | None,
+                 topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, num_experts: int | None,
+                 expert_alignment: int, num_worst_tokens: int):
+        """Returns (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle),
+        equal to :meth:`TorchDispatcher.dispatch`'s."""
+        self._check()
+        n, me = x.num_tokens, self.rank
+        max_tokens = None
+        if handle is not None:
+            prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
+            is_token_in_rank = handle.is_token_in_rank
+            # A handle of this engine's unpadded dispatch has exactly the real rows: no need to ask the device.
+            out_rows = handle.recv_src_idx.shape[0]
+            max_rows = handle.max_recv_rows
+            padded = self._padded.get(id(handle.recv_src_idx)) is handle.recv_src_idx
+            if max_rows is None or (padded and not num_worst_tokens):
+                totals = handle.rank_prefix_matrix[-1].tolist()
+                out_rows = out_rows if num_worst_tokens else totals[me]
+                max_rows = max_rows if max_rows is not None else max(totals)
+        else:
+            table = self._exchange_counts(num_tokens_per_rank, n)
+            prefix = table[:, :self.num_ranks].cumsum(dim=0).to(torch.int32)
+            if num_worst_tokens:
+                out_rows, max_rows, max_tokens = num_worst_tokens, num_worst_tokens, n
+            else:
+                own = is_token_in_rank.sum(dim=0).to(torch.int64)
+                host = torch.cat([table.flatten(), own]).tolist()
+                self._check()
+                width = self.num_ranks + 1
+                rows = [host[i * width:(i + 1) * width] for i in range(self.num_ranks)]
+                if rows[me][:-1] != host[-self.num_ranks:]:
+                    raise ValueError("num_tokens_per_rank: does not match is_token_in_rank.sum(0) on rank "
+                                     f"{me} ({rows[me][:-1]} vs {host[-self.num_ranks:]})")
+                totals = [sum(row[j] for row in rows) for j in range(self.num_ranks)]
+                out_rows, max_rows, max_tokens = totals[me], max(totals), max(row[-1] for row in rows)
+        in_rank = is_token_in_rank.contiguous().view(torch.uint8)
+
+        words = x.data.shape[1] * x.data.element_size() // 4
+        x_words = x.data.view(torch.int32) if x.data.numel() else x.data.new_empty((0, words), dtype=torch.int32)
+        num_scales = x.scales.shape[1] if x.scales is not None else 0
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        outputs = {"data": torch.empty(out_rows, words, dtype=torch.int32, device=self.device),
+                   "scales": torch.empty(out_rows, num_scales, dtype=torch.float32, device=self.device)
+                   if x.scales is not None else None,
+                   "idx": torch.empty(out_rows, num_topk, dtype=torch.int64, device=self.device)
+                   if topk_idx is not None else None,
+                   "weights": torch.empty(out_rows, num_topk, dtype=torch.float32, device=self.device)
+                   if topk_weights is not None else None,
+                   "src": torch.empty(out_rows, dtype=torch.int32, device=self.device)}
+        sizes = {"data": words * 4, "scales": num_scales * 4, "idx": num_topk * 8,
+                 "weights": num_topk * 4 if topk_weights is not None else 0, "src": 4}
+        capacity, regions = self._region(sizes, "received row")
+        num_rounds = max(1, _cdiv(max(max_rows, out_rows), capacity))
+        programs = self._programs()
+        experts_per_rank = num_experts // self.num_ranks if num_experts else 0
+        addresses = {k: (t.data_ptr() if t is not None and t.numel() else 0) for k, t in outputs.items()}
+        for c in range(num_rounds):
+            dispatch_round(x_words=x_words, scales=x.scales, topk_idx=topk_idx, topk_weights=topk_weights,
+                           in_rank=in_rank, prefix=prefix, outputs=addresses, regions=regions,
+                           experts_per_rank=experts_per_rank,
+                           lo=c * capacity, hi=(c + 1) * capacity, round_idx=c, out_rows=out_rows,
+                           epoch=self.epochs[1:2], num_programs=programs, prev_programs=self.prev_programs,
+                           **self._common())
+            self.prev_programs = programs
+        self.epochs[1:2].add_(num_rounds)
+
+        recv_data = outputs["data"].view(x.data.dtype).view(out_rows, x.hidden)
+        recv_idx, recv_weights = outputs["idx"], outputs["weights"]
+        per_expert_list = None
+        if handle is None:
+            per_expert_list = [] if num_worst_tokens else TorchDispatcher._aligned_counts(
+                recv_idx, experts_per_rank, expert_alignment)
+        if self.interpret or per_expert_list:
+            self._check()
+        new_handle = None
+        if handle is None:
+            new_handle = DispatchHandle(prefix, outputs["src"], is_token_in_rank,
+                                        max_recv_rows=max_rows, max_tokens_per_rank=max_tokens)
+            if num_worst_tokens:
+                self._padded[id(outputs["src"])] = outputs["src"]
+        return recv_data, outputs["scales"], recv_idx, recv_weights, per_expert_list, new_handle
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None,
+                biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sums, in float32 and in rank order, the rows each token's ranks send back, then adds the
+        biases (as :meth:`TorchDispatcher.combine`); returns (bf16 [N, H], float32 [N, K] or None)."""
+        self._check()
+        in_rank = handle.is_token_in_rank.contiguous().view(torch.uint8)
+        num_tokens, hidden = in_rank.shape[0], x.shape[1]
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+        max_tokens = handle.max_tokens_per_rank if handle.max_tokens_per_rank is not None else num_tokens
+        slot = {"data": hidden * 2 * self.num_ranks, "weights": num_topk * 4 * self.num_ranks}
+        tokens_per_round, regions = self._region(slot, "token's returning rows")
+        num_rounds = max(1, _cdiv(max_tokens, tokens_per_round))
+        x = x.contiguous()
+        x_words = x.view(torch.int32) if x.numel() else x.new_empty((0, hidden // 2), dtype=torch.int32)
+        weights = topk_weights.contiguous() if topk_weights is not None else None
+        out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        out_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device) \
+            if weights is not None else None
+        prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
+        biases = [b.contiguous() for b in biases]
+        programs = self._programs()
+        for c in range(num_rounds):
+            combine_round(x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix,
+                          in_rank=in_rank, biases=biases, out=out,
+                          out_weights=out_weights, regions=regions, tok_lo=c * tokens_per_round,
+                          tok_hi=(c + 1) * tokens_per_round, round_idx=c, epoch=self.epochs[1:2],
+                          num_programs=programs, prev_programs=self.prev_programs, **self._common())
+            self.prev_programs = programs
+        self.epochs[1:2].add_(num_rounds)
+        if self.interpret:
+            self._check()
+        return out, out_weights
