@@ -64,7 +64,7 @@ def check_topk_idx(topk_idx: object, num_experts: int, device: torch.device,
     if topk_idx.shape[1] < 1:
         raise ValueError(f"topk_idx: expected at least one top-k slot, got shape {tuple(topk_idx.shape)}")
     if topk_idx.numel() and not _capturing():
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()  # one device read for both
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = empty slot), "
                              f"got values from {lo} to {hi}")
