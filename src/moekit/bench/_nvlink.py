@@ -19,6 +19,7 @@ def add_size_args(parser) -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--sms", type=int, default=24, help="SMs the moekit kernels may use")
+    parser.add_argument("--ranks", type=int, default=None, help="GPUs (ranks) to use; default: every GPU")
 
 
 def peer_copy_bandwidth_gbps(nbytes: int) -> float:
@@ -63,16 +64,19 @@ def random_routing(num_tokens: int, hidden: int, topk: int, num_experts: int, se
     return x, idx, weights
 
 
-def run_sizes(title: str, sizes: list[int], fn, *args) -> list[dict]:
-    """Runs ``fn(num_tokens, *args)`` on 2 GPU ranks for each size, with a progress bar; rank 0's rows."""
+def run_sizes(title: str, sizes: list[int], fn, *args, ranks: int | None = None) -> list[dict]:
+    """Runs ``fn(num_tokens, *args)`` on ``ranks`` GPU ranks (default: every GPU) for each size, with a
+    progress bar; returns rank 0's rows."""
     from rich.progress import Progress
 
     from moekit.testing.cluster import Cluster
 
-    if torch.cuda.device_count() < 2:
-        raise SystemExit(f"{title}: needs 2 GPUs joined by NVLink, found {torch.cuda.device_count()}")
+    gpus = torch.cuda.device_count()
+    ranks = gpus if ranks is None else ranks
+    if not 2 <= ranks <= gpus:
+        raise SystemExit(f"{title}: needs 2 or more GPUs joined by NVLink (asked for {ranks}, found {gpus})")
     rows = []
-    with Cluster(2, backend="nccl", timeout_s=600) as cluster, Progress() as progress:
+    with Cluster(ranks, backend="nccl", timeout_s=600) as cluster, Progress() as progress:
         task = progress.add_task(title, total=len(sizes))
         for n in sizes:
             rows.extend(cluster.run(fn, n, *args)[0])

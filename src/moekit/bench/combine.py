@@ -52,10 +52,11 @@ def main(argv: list[str]) -> int:
     add_output_args(parser)
     args = parser.parse_args(argv)
     columns = {k: v for k, v in COLUMNS.items() if k not in ("us_cached", "format")}
-    report = Report("combine bf16, 2 GPUs (rank 0)", columns,
+    report = Report(f"combine bf16, {args.ranks or torch.cuda.device_count()} GPUs (rank 0)", columns,
                     settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
-    for row in run_sizes("combine", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms):
+    for row in run_sizes("combine", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms,
+                         ranks=args.ranks):
         report.add(**row)
-    report.notes.append(f"peer copy-engine bandwidth, both GPUs pushing: {report.rows[0]['peer_gbps']:.0f} GB/s")
+    report.notes.append(f"peer copy-engine bandwidth, every GPU pushing to the next: {report.rows[0]['peer_gbps']:.0f} GB/s")
     report.finish(args, x="tokens", series=["us", "nccl_us"], ylabel="us")
     return 0

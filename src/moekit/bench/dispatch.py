@@ -64,10 +64,11 @@ def main(argv: list[str]) -> int:
     add_size_args(parser)
     add_output_args(parser)
     args = parser.parse_args(argv)
-    report = Report("dispatch, 2 GPUs (rank 0)", COLUMNS,
+    report = Report(f"dispatch, {args.ranks or torch.cuda.device_count()} GPUs (rank 0)", COLUMNS,
                     settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
-    for row in run_sizes("dispatch", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms):
+    for row in run_sizes("dispatch", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms,
+                         ranks=args.ranks):
         report.add(**row)
-    report.notes.append(f"peer copy-engine bandwidth, both GPUs pushing: {report.rows[0]['peer_gbps']:.0f} GB/s")
+    report.notes.append(f"peer copy-engine bandwidth, every GPU pushing to the next: {report.rows[0]['peer_gbps']:.0f} GB/s")
     report.finish(args, x="tokens", series=["us_cached", "nccl_us"], group="format", ylabel="us")
     return 0
