@@ -6,9 +6,12 @@ Every function here runs on every rank of the current default group (one process
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.distributed as dist
 
+from moekit.bench.report import Report, add_output_args
 from moekit.bench.timing import median_us
 
 
@@ -82,3 +85,22 @@ def run_sizes(title: str, sizes: list[int], fn, *args, ranks: int | None = None)
             rows.extend(cluster.run(fn, n, *args)[0])
             progress.advance(task)
     return rows
+
+
+def sweep_main(argv: list[str], name: str, description: str, title: str, columns: dict[str, str], measure,
+               series: list[str], group: str | None = None) -> int:
+    """The command line of a token-count sweep: parse the sizes, run ``measure`` on every rank for each
+    size, then print the table (with the peer bandwidth measured in the run) and save what was asked."""
+    parser = argparse.ArgumentParser(prog=f"python -m moekit bench {name}", description=description)
+    add_size_args(parser)
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    report = Report(f"{title}, {args.ranks or torch.cuda.device_count()} GPUs (rank 0)", columns,
+                    settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
+    for row in run_sizes(name, args.tokens, measure, args.hidden, args.topk, args.experts, args.sms,
+                         ranks=args.ranks):
+        report.add(**row)
+    report.notes.append("peer copy-engine bandwidth, every GPU pushing to the next: "
+                        f"{report.rows[0]['peer_gbps']:.0f} GB/s")
+    report.finish(args, x="tokens", series=series, group=group, ylabel="us")
+    return 0

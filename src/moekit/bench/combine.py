@@ -1,4 +1,4 @@
-"""``python -m moekit bench combine``: high-throughput combine (bf16) on 2 GPUs against NCCL.
+"""``python -m moekit bench combine``: high-throughput combine (bf16) on the GPUs of one host against NCCL.
 
 The rows a dispatch delivered go back and are summed per token; NCCL ``all_to_all_single`` moves the
 same rows back (no reduction counted against it); moekit's torch backend does the same combine.
@@ -6,14 +6,11 @@ same rows back (no reduction counted against it); moekit's torch backend does th
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.distributed as dist
 
-from moekit.bench._nvlink import add_size_args, nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, run_sizes
+from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, sweep_main
 from moekit.bench.dispatch import COLUMNS
-from moekit.bench.report import Report, add_output_args
 from moekit.bench.timing import median_us
 
 
@@ -47,16 +44,5 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moekit bench combine", description=__doc__)
-    add_size_args(parser)
-    add_output_args(parser)
-    args = parser.parse_args(argv)
     columns = {k: v for k, v in COLUMNS.items() if k not in ("us_cached", "format")}
-    report = Report(f"combine bf16, {args.ranks or torch.cuda.device_count()} GPUs (rank 0)", columns,
-                    settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
-    for row in run_sizes("combine", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms,
-                         ranks=args.ranks):
-        report.add(**row)
-    report.notes.append(f"peer copy-engine bandwidth, every GPU pushing to the next: {report.rows[0]['peer_gbps']:.0f} GB/s")
-    report.finish(args, x="tokens", series=["us", "nccl_us"], ylabel="us")
-    return 0
+    return sweep_main(argv, "combine", __doc__, "combine bf16", columns, measure, ["us", "nccl_us"])

@@ -1,4 +1,4 @@
-"""``python -m moekit bench dispatch``: high-throughput dispatch on 2 GPUs against NCCL.
+"""``python -m moekit bench dispatch``: high-throughput dispatch on the GPUs of one host against NCCL.
 
 Times moekit's triton backend (with the handle reused, as DeepEP's test times it, and without),
 NCCL ``all_to_all_single`` moving the same remote bytes (rows already grouped by destination) and
@@ -8,13 +8,10 @@ byte) and as bytes that crossed NVLink, against the copy engine's peer bandwidth
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.distributed as dist
 
-from moekit.bench._nvlink import add_size_args, nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, run_sizes
-from moekit.bench.report import Report, add_output_args
+from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, sweep_main
 from moekit.bench.timing import median_us
 
 COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
@@ -60,15 +57,4 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moekit bench dispatch", description=__doc__)
-    add_size_args(parser)
-    add_output_args(parser)
-    args = parser.parse_args(argv)
-    report = Report(f"dispatch, {args.ranks or torch.cuda.device_count()} GPUs (rank 0)", COLUMNS,
-                    settings={"hidden": args.hidden, "topk": args.topk, "experts": args.experts, "sms": args.sms})
-    for row in run_sizes("dispatch", args.tokens, measure, args.hidden, args.topk, args.experts, args.sms,
-                         ranks=args.ranks):
-        report.add(**row)
-    report.notes.append(f"peer copy-engine bandwidth, every GPU pushing to the next: {report.rows[0]['peer_gbps']:.0f} GB/s")
-    report.finish(args, x="tokens", series=["us_cached", "nccl_us"], group="format", ylabel="us")
-    return 0
+    return sweep_main(argv, "dispatch", __doc__, "dispatch", COLUMNS, measure, ["us_cached", "nccl_us"], group="format")

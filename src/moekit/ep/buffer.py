@@ -18,11 +18,10 @@ from moekit.ep.backends import EngineSettings, available_backends, make_engines
 from moekit.ep.config import Config, low_latency_size_hint, recommended_config
 from moekit.ep.events import CommStream, EventOverlap, capture_event
 from moekit.ep.layout import DispatchLayout, compute_dispatch_layout
-from moekit.ep.results import (CombineResult, DispatchHandle, DispatchResult, LowLatencyCombineResult,
+from moekit.ep.results import (Activation, CombineResult, DispatchHandle, DispatchResult, LowLatencyCombineResult,
                                LowLatencyDispatchResult, LowLatencyHandle)
 from moekit.ep.agreement import check_agreement
 
-Activation = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _no_hook() -> None:
@@ -306,8 +305,7 @@ class Buffer:
             raise ValueError(f"x: hidden size must be a multiple of {multiple} here, got {hidden}")
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook cannot be combined")
-        v.check_topk_idx(topk_idx, num_experts, self.device, n)
-        _check_no_repeats(topk_idx)
+        v.check_topk_idx(topk_idx, num_experts, self.device, n, distinct=True)
         e_loc = num_experts // self.group_size
         if cumulative_local_expert_recv_stats is not None:
             v.check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32, 1,
@@ -386,17 +384,6 @@ class Buffer:
         v.check_positive_int("hidden", hidden)
         v.check_num_experts(num_experts, self.group_size)
         self._low_latency.clean()
-
-
-def _check_no_repeats(topk_idx: torch.Tensor) -> None:
-    if topk_idx.numel() == 0 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return
-    ordered = topk_idx.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if bool(repeated.any()):
-        row = int(repeated.any(dim=1).nonzero()[0])
-        raise ValueError(f"topk_idx: row {row} names an expert twice ({topk_idx[row].tolist()}); "
-                         "each token picks distinct experts")
 
 
 def _check_wait_stats(name: str, stats: torch.Tensor, num_ranks: int, device: torch.device) -> None:

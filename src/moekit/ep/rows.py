@@ -41,14 +41,9 @@ def unpack_rows(rows: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
 
 
 def exchange_rows(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], send_counts: list[int],
-                  recv_counts: list[int], async_op: bool = False):
-    """Sends ``send_counts[r]`` consecutive rows of every tensor to rank r; receives likewise.
-
-    Returns the received tensors (and, with ``async_op``, the pending work to wait on first).
-    """
+                  recv_counts: list[int]) -> list[torch.Tensor]:
+    """Sends ``send_counts[r]`` consecutive rows of every tensor to rank r; returns what arrived."""
     send = pack_rows(tensors)
     recv = torch.empty(sum(recv_counts), send.shape[1], dtype=torch.uint8, device=send.device)
-    work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group, async_op=async_op)
-    if async_op:
-        return work, recv
+    dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group)
     return unpack_rows(recv, tensors)

@@ -23,10 +23,9 @@ def count_matrix_from_prefix(rank_prefix_matrix: torch.Tensor) -> torch.Tensor:
     return torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
 
 
-def send_order(is_token_in_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(destination rank, token index) of every row sent, grouped by destination, tokens in order."""
-    dest, token = is_token_in_rank.t().nonzero(as_tuple=True)
-    return dest, token
+def sent_tokens(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """The token index of every row sent, grouped by destination rank, tokens in order."""
+    return is_token_in_rank.t().nonzero(as_tuple=True)[1]
 
 
 class TorchDispatcher:
@@ -64,7 +63,7 @@ class TorchDispatcher:
         if num_worst_tokens and int(received_per_rank.max()) > num_worst_tokens:
             raise ValueError(f"num_worst_tokens: {num_worst_tokens} is too small; ranks receive "
                              f"{received_per_rank.tolist()} tokens")
-        _, token = send_order(is_token_in_rank)
+        token = sent_tokens(is_token_in_rank)
         payload = [x.data[token]] + ([x.scales[token]] if x.scales is not None else [])
         payload.append(token.to(torch.int32))
         if topk_idx is not None:
@@ -114,7 +113,7 @@ class TorchDispatcher:
         num_real = int(counts[:, self.rank].sum())
         payload = [x[:num_real]] + ([topk_weights[:num_real]] if topk_weights is not None else [])
         back = exchange_rows(self.group, payload, counts[:, self.rank].tolist(), counts[self.rank].tolist())
-        dest, token = send_order(handle.is_token_in_rank)
+        token = sent_tokens(handle.is_token_in_rank)
         num_tokens = handle.is_token_in_rank.shape[0]
         sizes = counts[self.rank].tolist()
         combined = _sum_by_rank(back[0], token, sizes, (num_tokens, x.shape[1]))

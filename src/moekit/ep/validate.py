@@ -6,14 +6,11 @@ message names the argument and what was expected.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 
 from moekit.fp8 import FP8_DTYPE, GROUP
-
-Activation = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-
 
 def _capturing() -> bool:
     # Value checks read device memory; inside CUDA-graph capture that is not allowed, and the
@@ -55,19 +52,33 @@ def check_num_experts(num_experts: object, num_ranks: int) -> int:
 
 
 def check_topk_idx(topk_idx: object, num_experts: int, device: torch.device,
-                   num_tokens: int | None = None) -> torch.Tensor:
-    """int64 [N, K] expert ids, each in [-1, num_experts)."""
+                   num_tokens: int | None = None, distinct: bool = False) -> torch.Tensor:
+    """int64 [N, K] expert ids, each in [-1, num_experts); with ``distinct``, no expert twice in a row.
+
+    The value checks cost one device read together, skipped during CUDA-graph capture.
+    """
     check_tensor("topk_idx", topk_idx, torch.int64, 2, device)
     if num_tokens is not None and topk_idx.shape[0] != num_tokens:
         raise ValueError(f"topk_idx: expected {num_tokens} rows (one per token of x), got shape "
                          f"{tuple(topk_idx.shape)}")
     if topk_idx.shape[1] < 1:
         raise ValueError(f"topk_idx: expected at least one top-k slot, got shape {tuple(topk_idx.shape)}")
-    if topk_idx.numel() and not _capturing():
-        lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()  # one device read for both
-        if lo < -1 or hi >= num_experts:
-            raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = empty slot), "
-                             f"got values from {lo} to {hi}")
+    if topk_idx.numel() == 0 or _capturing():
+        return topk_idx
+    n = topk_idx.shape[0]
+    values = list(torch.aminmax(topk_idx))
+    if distinct:
+        ordered = topk_idx.sort(dim=1).values
+        repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
+        values.append(torch.where(repeated, torch.arange(n, device=device), n).min())
+    lo, hi, *first_repeat = torch.stack(values).tolist()
+    if lo < -1 or hi >= num_experts:
+        raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = empty slot), "
+                         f"got values from {lo} to {hi}")
+    if first_repeat and first_repeat[0] < n:
+        row = first_repeat[0]
+        raise ValueError(f"topk_idx: row {row} names an expert twice ({topk_idx[row].tolist()}); "
+                         "each token picks distinct experts")
     return topk_idx
 
 

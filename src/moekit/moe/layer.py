@@ -125,7 +125,6 @@ class ExpertParallelMoE(nn.Module):
         recv = self.buffer.low_latency_dispatch(x, idx, self.max_tokens, self.num_experts, use_fp8=False)
         recv_x = recv.recv_x
         out = torch.zeros_like(recv_x)
-        for e in range(self.num_local):
-            count = int(recv.recv_count[e])
+        for e, count in enumerate(recv.recv_count.tolist()):
             out[e, :count] = self.experts.expert(e, recv_x[e, :count]).to(torch.bfloat16)
         return self.buffer.low_latency_combine(out, idx, weights, recv.handle).combined_x
