@@ -41,13 +41,18 @@ def clusters():
 
 @pytest.fixture(scope="session")
 def gpu_cluster():
-    """Two GPU ranks over NCCL (one GPU each)."""
+    """One rank per GPU over NCCL: every visible GPU, or ``MOEKIT_GPU_RANKS`` of them. A test that
+    does not finish within ``MOEKIT_GPU_TIMEOUT_S`` (default 300) seconds fails with every stuck
+    rank's stack."""
     import torch
 
     from moekit.testing.cluster import Cluster
 
-    if torch.cuda.device_count() < 2:
-        pytest.fail("GPU tests need a machine with at least 2 CUDA GPUs")
-    cluster = Cluster(2, backend="nccl", timeout_s=300)
+    gpus = torch.cuda.device_count()
+    ranks = int(os.environ.get("MOEKIT_GPU_RANKS", gpus))
+    if gpus < 2 or not 2 <= ranks <= gpus:
+        pytest.fail(f"GPU tests need at least 2 CUDA GPUs and 2 <= MOEKIT_GPU_RANKS <= {gpus}; "
+                    f"found {gpus} GPUs, MOEKIT_GPU_RANKS={ranks}")
+    cluster = Cluster(ranks, backend="nccl", timeout_s=float(os.environ.get("MOEKIT_GPU_TIMEOUT_S", 300)))
     yield cluster
     cluster.close(force=not cluster.alive)

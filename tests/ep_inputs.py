@@ -44,6 +44,11 @@ class RankInputs:
     topk_weights: torch.Tensor  # float32 [N, K]
 
 
+def spread(pattern: list[int], world: int) -> list[int]:
+    """Per-rank token counts for ``world`` ranks: ``pattern`` repeated (GPU tests run on any number of GPUs)."""
+    return [pattern[r % len(pattern)] for r in range(world)]
+
+
 def rank_inputs(sc: Scenario, rank: int, device: torch.device) -> RankInputs:
     g = torch.Generator().manual_seed(sc.seed * 7919 + rank)
     n, k = sc.tokens[rank], sc.topk

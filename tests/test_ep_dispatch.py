@@ -1,10 +1,12 @@
 """High-throughput dispatch / combine on CPU ranks, for every backend (see ep_backends.py)."""
 
+import dataclasses
+
 import pytest
 
 import ep_cases
 from ep_backends import EP_BACKENDS
-from ep_inputs import Scenario
+from ep_inputs import Scenario, spread
 
 SCENARIOS = {
     "random-2": Scenario(tokens=[12, 7]),
@@ -47,11 +49,13 @@ def test_async_and_events(clusters, backend):
 @pytest.mark.parametrize("backend", EP_BACKENDS)
 @pytest.mark.parametrize("name", ["random-2", "no-tokens-2"])
 def test_dispatch_combine_gpu(gpu_cluster, backend, name):
-    gpu_cluster.run(ep_cases.check_dispatch_combine, backend, SCENARIOS[name])
+    world = gpu_cluster.world_size
+    sc = dataclasses.replace(SCENARIOS[name], tokens=spread(SCENARIOS[name].tokens, world), num_experts=4 * world)
+    gpu_cluster.run(ep_cases.check_dispatch_combine, backend, sc)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", EP_BACKENDS)
 def test_random_round_trip_gpu(gpu_cluster, backend):
-    sc = Scenario(tokens=[4096, 3000], hidden=7168, num_experts=256, topk=8)
+    sc = Scenario(tokens=spread([4096, 3000], gpu_cluster.world_size), hidden=7168, num_experts=256, topk=8)
     gpu_cluster.run(ep_cases.check_random_round_trip, backend, sc, 2)

@@ -4,7 +4,7 @@ import pytest
 
 import ep_cases
 from ep_backends import EP_BACKENDS
-from ep_inputs import Scenario
+from ep_inputs import Scenario, spread
 
 # (scenario, T): T is num_max_dispatch_tokens_per_rank.
 CASES = {
@@ -43,7 +43,8 @@ def test_low_latency_back_to_back(clusters, backend):
 @pytest.mark.parametrize("backend", EP_BACKENDS)
 @pytest.mark.parametrize("tokens,hidden,topk", [(1, 2048, 1), (64, 4096, 4), (128, 7168, 8), (256, 7168, 8)])
 def test_low_latency_gpu(gpu_cluster, backend, tokens, hidden, topk):
-    sc = Scenario(tokens=[tokens, max(tokens // 2, 0)], hidden=hidden, num_experts=256, topk=topk)
+    sc = Scenario(tokens=spread([tokens, tokens // 2], gpu_cluster.world_size), hidden=hidden, num_experts=256,
+                  topk=topk)
     gpu_cluster.run(ep_cases.check_low_latency, backend, sc, tokens, True, True, False, False)
 
 
@@ -51,4 +52,5 @@ def test_low_latency_gpu(gpu_cluster, backend, tokens, hidden, topk):
 @pytest.mark.parametrize("backend", EP_BACKENDS)
 def test_low_latency_back_to_back_gpu(gpu_cluster, backend):
     gpu_cluster.run(ep_cases.check_low_latency_back_to_back, backend,
-                    Scenario(tokens=[128, 64], hidden=7168, num_experts=256, topk=8), 128)
+                    Scenario(tokens=spread([128, 64], gpu_cluster.world_size), hidden=7168, num_experts=256,
+                             topk=8), 128)

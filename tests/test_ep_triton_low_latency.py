@@ -8,14 +8,14 @@ never calls, and on GPUs a size sweep and CUDA-graph capture / replay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import ep_cases
-from ep_inputs import Scenario
+from ep_inputs import Scenario, spread
 from moekit.ep import Buffer
 from moekit.ep.torch_low_latency import TorchLowLatency
 
@@ -148,8 +148,9 @@ def hook_two_micro_batches(case: Case) -> None:
 
 
 def disagreeing_ranks(case: Case) -> str:
-    """Rank 1 dispatches with another top-k than rank 0: both raise ValueError naming both ranks,
-    without a host collective; after ``clean_low_latency_buffer`` calls work again."""
+    """Rank 1 dispatches with another top-k than the other ranks: all raise ValueError naming two
+    ranks, without a host collective; after ``clean_low_latency_buffer`` calls work again."""
+    case = on_every_rank(case)
     dev = _device()
     me = dist.get_rank()
     buf = _buffer(case, timeout_s=20.0)
@@ -171,6 +172,7 @@ def disagreeing_ranks(case: Case) -> str:
 
 def lonely_dispatch(case: Case, timeout_s: float) -> str:
     """Only rank 0 calls: its receive gives up after the Buffer's time limit and names the peer."""
+    case = on_every_rank(case)
     dev = _device()
     buf = _buffer(case, timeout_s=timeout_s)
     if dist.get_rank() != 0:
@@ -227,22 +229,29 @@ GPU_CASES = [
 ]
 
 
+def on_every_rank(case: Case) -> Case:
+    """``case`` for this group's size: its per-rank token counts repeated over the ranks."""
+    return replace(case, tokens=spread(case.tokens, dist.get_world_size()))
+
+
 def gpu_sweep() -> None:
     """Sizes of the issue (T 1 to 256, H 2048 to 7168, top-k 1 to 8, a rank without tokens), FP8 and
     bf16, each three calls back to back, then the shared low-latency checks on the triton backend."""
+    world = dist.get_world_size()
     for case in GPU_CASES:
-        compare_with_torch(case, calls=3)
-    hook_two_micro_batches(Case(tokens=[128, 100], T=128, H=7168, E=256, K=8, fp8=True, seed=7))
+        compare_with_torch(on_every_rank(case), calls=3)
+    hook_two_micro_batches(on_every_rank(Case(tokens=[128, 100], T=128, H=7168, E=256, K=8, fp8=True, seed=7)))
     for tokens, hidden, topk in [(1, 2048, 1), (128, 7168, 8)]:
-        sc = Scenario(tokens=[tokens, tokens // 2], hidden=hidden, num_experts=256, topk=topk)
+        sc = Scenario(tokens=spread([tokens, tokens // 2], world), hidden=hidden, num_experts=256, topk=topk)
         ep_cases.check_low_latency("triton", sc, tokens, True, True, False, False)
-    ep_cases.check_low_latency_back_to_back("triton", Scenario(tokens=[128, 64], hidden=7168, num_experts=256,
-                                                               topk=8), 128)
+    ep_cases.check_low_latency_back_to_back("triton", Scenario(tokens=spread([128, 64], world), hidden=7168,
+                                                               num_experts=256, topk=8), 128)
 
 
 def graph_replay(case: Case, replays: int = 6) -> None:
     """Dispatch, a stand-in expert and combine captured once; each replay gets new tokens and new
     routing copied into the captured inputs and is checked against the torch engine."""
+    case = on_every_rank(case)
     dev = _device()
     buf = _buffer(case)
     oracle = TorchLowLatency(dist.group.WORLD, dev)
@@ -274,7 +283,6 @@ def graph_replay(case: Case, replays: int = 6) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.timeout(300)  # on 2 x H200 (2026-11-22) this did not finish in 200 s: under investigation
 def test_gpu_sweep(gpu_cluster):
     gpu_cluster.run(gpu_sweep)
 

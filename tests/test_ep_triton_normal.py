@@ -7,6 +7,8 @@ padding, a wait that times out, and on GPUs: DeepEP's scale and a CUDA graph of 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -160,13 +162,14 @@ def test_deepep_scale_gpu(gpu_cluster, fp8, rank_coded):
 
 @pytest.mark.gpu
 def test_chunked_and_worst_tokens_gpu(gpu_cluster):
-    gpu_cluster.run(check_against_torch, 1000, 7168, 8, 256, 16 << 20, True, False, 2400)
+    worst = 1200 * gpu_cluster.world_size  # above any rank's received rows (at most 1000 per rank)
+    gpu_cluster.run(check_against_torch, 1000, 7168, 8, 256, 16 << 20, True, False, worst)
 
 
 @pytest.mark.gpu
 def test_timeout_gpu(gpu_cluster):
     message = gpu_cluster.run(check_timeout)[0]
-    assert message.startswith("notify: rank 0 waited more than 1 s for rank 1"), message
+    assert re.match(r"notify: rank 0 waited more than 1 s for rank [1-9]", message), message
 
 
 @pytest.mark.gpu

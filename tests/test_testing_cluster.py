@@ -22,6 +22,15 @@ def _sleep(seconds):
     time.sleep(seconds)
 
 
+def _sleep_on_rank_one(seconds):
+    if dist.get_rank() == 1:
+        _stuck_here(seconds)
+
+
+def _stuck_here(seconds):
+    time.sleep(seconds)
+
+
 def test_runs_on_every_rank_and_reports_failures_by_rank():
     with Cluster(2, timeout_s=30) as cluster:
         assert cluster.run(_rank_and_size) == [(0, 2), (1, 2)]
@@ -36,3 +45,12 @@ def test_a_rank_that_does_not_answer_is_named():
     with pytest.raises(TimeoutError, match=r"_sleep: rank\(s\) \[0, 1\] did not answer within 3 s"):
         cluster.run(_sleep, 10)
     assert not cluster.alive
+
+
+def test_a_hung_rank_reports_where_it_hangs():
+    cluster = Cluster(2, timeout_s=3)
+    with pytest.raises(TimeoutError) as info:
+        cluster.run(_sleep_on_rank_one, 10)
+    message = str(info.value)
+    assert "rank(s) [1] did not answer" in message and "--- rank 1 stack ---" in message
+    assert "_stuck_here" in message and "rank 0 stack" not in message

@@ -1,11 +1,12 @@
-"""Low-latency dispatch / combine (decoding) on 2 GPUs: the triton backend against the torch
-backend (NCCL, eager: its per-call rank check synchronises with the host) on the same inputs.
+"""Low-latency dispatch / combine (decoding) on the GPUs of one host: the triton backend against the
+torch backend (NCCL, eager: its per-call rank check synchronises with the host) on the same inputs.
 
 Per tokens-per-rank T: median latency of dispatch (FP8, per-128-channel scales) and combine (bf16,
 weighted) over graph replays; with the receive hook, the send and the receive parts apart (the
-receive timed after both ranks' sends finished, so it holds no waiting). The floor is the bytes
-that cross NVLink (pairs whose expert is on the other GPU: FP8 ``H + H/128*4 + 16`` bytes each,
-bf16 ``2H`` back) over the measured peer bandwidth, plus one measured flag round trip.
+receive timed after every rank's sends finished, so it holds no waiting). The floor is the bytes
+that cross NVLink at the busiest rank (the larger of what it sends and what it receives, counting
+pairs whose expert is on another GPU: FP8 ``H + H/128*4 + 16`` bytes each, bf16 ``2H`` back) over
+the measured peer bandwidth, plus one measured flag round trip.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch.distributed as dist
 
 from moekit.bench.report import Report, add_output_args
 
-WORLD = 2
-
 
 def _inputs(t: int, hidden: int, experts: int, topk: int, seed: int, device: torch.device):
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -32,8 +31,8 @@ def _inputs(t: int, hidden: int, experts: int, topk: int, seed: int, device: tor
 
 def _medians(steps: list[Callable[[], object]], repeat: int, settle_before: set[int]) -> list[float]:
     """Runs ``steps`` in order ``repeat`` times (after 3 warm-up rounds); returns each one's median
-    microseconds (device events). Before the steps whose index is in ``settle_before`` both ranks
-    synchronise, so those are timed without waiting for the peer."""
+    microseconds (device events). Before the steps whose index is in ``settle_before`` all ranks
+    synchronise, so those are timed without waiting for a peer."""
     times: list[list[float]] = [[] for _ in steps]
     for step in range(repeat + 3):
         for i, run in enumerate(steps):
@@ -67,7 +66,7 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     from moekit.ep import Buffer
 
     dev = torch.device("cuda", torch.cuda.current_device())
-    rdma = Buffer.get_low_latency_rdma_size_hint(t, hidden, WORLD, experts)
+    rdma = Buffer.get_low_latency_rdma_size_hint(t, hidden, dist.get_world_size(), experts)
     buf = Buffer(None, num_rdma_bytes=rdma, low_latency_mode=True, backend=backend)
     x, idx, weights = _inputs(t, hidden, experts, topk, dist.get_rank(), dev)
     state: dict[str, object] = {}
@@ -96,10 +95,16 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
 
 
 def _crossing_bytes(t: int, hidden: int, experts: int, topk: int) -> tuple[int, int]:
-    """Bytes that rank 0 sends to rank 1 in dispatch (FP8 messages) and in combine (bf16 rows)."""
-    _, idx, _ = _inputs(t, hidden, experts, topk, 0, torch.device("cuda", torch.cuda.current_device()))
-    pairs = int((idx >= experts // WORLD).sum())
-    return pairs * (hidden + hidden // 128 * 4 + 16), pairs * 2 * hidden
+    """Bytes that cross NVLink at the busiest rank (the larger of its sends and its receives) in
+    dispatch (FP8 messages) and in combine (bf16 rows)."""
+    world, dev = dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
+    pairs = torch.zeros(world, world, dtype=torch.int64)  # [source, destination] remote (token, expert) pairs
+    for src in range(world):
+        owners = _inputs(t, hidden, experts, topk, src, dev)[1] // (experts // world)
+        pairs[src] = torch.bincount(owners.flatten(), minlength=world).cpu()
+    pairs.fill_diagonal_(0)
+    busiest = int(torch.maximum(pairs.sum(0), pairs.sum(1)).max())
+    return busiest * (hidden + hidden // 128 * 4 + 16), busiest * 2 * hidden
 
 
 def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: int) -> list[dict] | None:
@@ -144,30 +149,33 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=50, help="timed graph replays (median reported)")
+    parser.add_argument("--ranks", type=int, default=None, help="GPUs (ranks) to use; default: every GPU")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    if torch.cuda.device_count() < WORLD:
-        print(f"bench low-latency needs {WORLD} CUDA GPUs; found {torch.cuda.device_count()}")
+    gpus = torch.cuda.device_count()
+    world = gpus if args.ranks is None else args.ranks
+    if not 2 <= world <= gpus:
+        print(f"bench low-latency needs 2 or more CUDA GPUs (asked for {world}, found {gpus})")
         return 2
     from moekit.testing.cluster import Cluster
 
-    with Cluster(WORLD, backend="nccl", timeout_s=600) as cluster:
+    with Cluster(world, backend="nccl", timeout_s=600) as cluster:
         rows = cluster.run(_rank_main, args.tokens, args.hidden, args.experts, args.topk, args.repeat)[0]
     report = Report(
-        title=f"low-latency dispatch (FP8) / combine (bf16), 2 GPUs, H={args.hidden}, top-{args.topk}, "
+        title=f"low-latency dispatch (FP8) / combine (bf16), {world} GPUs, H={args.hidden}, top-{args.topk}, "
               f"{args.experts} experts, CUDA-graph replay (us)",
         columns={"tokens": "T", "dispatch_us": "dispatch", "dispatch_send_us": "d send", "dispatch_recv_us": "d recv",
                  "dispatch_floor_us": "d floor", "dispatch_x_floor": "d / floor", "torch_dispatch_us": "torch d (eager)",
                  "dispatch_speedup": "d speedup", "combine_us": "combine", "combine_send_us": "c send",
                  "combine_recv_us": "c recv", "combine_floor_us": "c floor", "combine_x_floor": "c / floor",
                  "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},
-        settings=vars(args) | {"world": WORLD},
+        settings=vars(args) | {"ranks": world},
         rows=rows,
     )
     first = rows[0] if rows else {}
     report.notes.append(f"flag round trip {first.get('flag_rt_us', float('nan')):.2f} us; floor = bytes crossing "
-                        "NVLink / peer copy bandwidth + one flag round trip; hook mode: receive timed after both "
-                        "ranks' sends completed")
+                        "NVLink at the busiest rank / peer copy bandwidth + one flag round trip; hook mode: receive "
+                        "timed after every rank's sends completed")
     if rows and "dispatch_floor_us" not in first:
         report.notes.append("no floor: moekit.bench._nvlink (peer bandwidth) is not available")
     report.finish(args, x="tokens", series=["dispatch_us", "combine_us", "torch_dispatch_us", "torch_combine_us"],

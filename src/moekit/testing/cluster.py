@@ -4,16 +4,23 @@ The workers join one ``torch.distributed`` group (gloo on CPUs, NCCL on GPUs, on
 stay up between calls, so that many checks share one start-up. ``run(fn, *args)`` calls
 ``fn(*args)`` on every rank at once and returns the per-rank results; a failure on any rank raises
 :class:`RankError` with every failing rank's traceback, and a rank that does not answer within the
-time limit raises ``TimeoutError`` naming it (the group is then torn down).
+time limit raises ``TimeoutError`` naming it, with the Python stack it was stuck in (the group is
+then torn down).
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import queue
+import shutil
+import signal
 import socket
+import tempfile
+import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
@@ -37,8 +44,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stack_file(folder: str, rank: int) -> Path:
+    return Path(folder) / f"rank{rank}.stack"
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, env: dict[str, str],
-            inbox: "mp.Queue", outbox: "mp.Queue") -> None:
+            stacks: str, inbox: "mp.Queue", outbox: "mp.Queue") -> None:
+    # On SIGUSR1 (sent by the parent when this rank does not answer in time) every thread's stack
+    # goes to a file the parent reads, so a hang says where it hangs.
+    stack_file = _stack_file(stacks, rank).open("w")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     os.environ.update(SAFE_ENV)
     os.environ.update(env)
     os.environ["OMP_NUM_THREADS"] = os.environ.get("MOEKIT_WORKER_THREADS", "1")
@@ -86,10 +101,11 @@ class Cluster:
         self.world_size, self.backend, self.timeout_s = world_size, backend, timeout_s
         ctx = mp.get_context("spawn")
         port = free_port()
+        self._stacks = tempfile.mkdtemp(prefix="moekit-cluster-")
         self._inboxes = [ctx.Queue() for _ in range(world_size)]
         self._outbox = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, world_size, port, backend, timeout_s, dict(env or {}),
+                                   args=(r, world_size, port, backend, timeout_s, dict(env or {}), self._stacks,
                                          self._inboxes[r], self._outbox))
                        for r in range(world_size)]
         for p in self._procs:
@@ -112,13 +128,27 @@ class Cluster:
                 rank, ok, value = self._outbox.get(timeout=limit_s)
             except queue.Empty:
                 missing = sorted(set(range(self.world_size)) - set(results) - set(errors))
+                stacks = self._dump_stacks(missing)
                 self.close(force=True)
                 raise TimeoutError(f"{what}: rank(s) {missing} did not answer within {limit_s:.0f} s"
-                                   + (f"; other ranks failed: {RankError(errors)}" if errors else "")) from None
+                                   + (f"; other ranks failed: {RankError(errors)}" if errors else "")
+                                   + stacks) from None
             (results if ok else errors)[rank] = value
         if errors:
             raise RankError(errors)
         return [results[r] for r in range(self.world_size)]
+
+    def _dump_stacks(self, ranks: list[int], lines: int = 40) -> str:
+        """The last ``lines`` lines of each of ``ranks``' Python stacks, asked for with SIGUSR1."""
+        for r in ranks:
+            if self._procs[r].is_alive():
+                os.kill(self._procs[r].pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        text = ""
+        for r in ranks:
+            dump = _stack_file(self._stacks, r).read_text(errors="replace").splitlines()[-lines:]
+            text += f"\n--- rank {r} stack ---\n" + ("\n".join(dump) if dump else "(no stack: the process had exited)")
+        return text
 
     @property
     def alive(self) -> bool:
@@ -134,6 +164,7 @@ class Cluster:
             if p.is_alive():
                 p.kill()
         self._procs = []
+        shutil.rmtree(self._stacks, ignore_errors=True)
 
     def __enter__(self) -> "Cluster":
         return self
