@@ -27,7 +27,7 @@ def test_a_wait_that_gives_up_names_op_rank_and_peer(clusters):
 @pytest.mark.gpu
 def test_ring_exchange_on_gpus(gpu_cluster):
     for rank, seen in enumerate(gpu_cluster.run(heap_cases.check_ring_exchange, 5)):
-        assert seen == [_expected(rank, 2)] * 5
+        assert seen == [_expected(rank, gpu_cluster.world_size)] * 5
 
 
 @pytest.mark.gpu

@@ -81,11 +81,11 @@ def check_against_torch(n: int, hidden: int, topk: int, num_experts: int, num_nv
 
 
 def check_timeout() -> str:
-    """Rank 0 dispatches alone: its count exchange gives up after 1 s and names rank 1."""
+    """Rank 0 dispatches alone: its count exchange gives up after 1 s and names a peer."""
     buf = Buffer(num_nvl_bytes=1 << 16, backend="triton", timeout_s=1.0)
     device = buf.device
     idx = torch.tensor([[0], [1]], device=device)
-    layout = buf.get_dispatch_layout(idx, 2)
+    layout = buf.get_dispatch_layout(idx, 2 * dist.get_world_size())
     if dist.get_rank() == 1:
         return ""
     x = torch.ones(2, 128, dtype=torch.bfloat16, device=device)

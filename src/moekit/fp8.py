@@ -29,7 +29,10 @@ def _check_groups(x: torch.Tensor, name: str, dim: int = -1) -> None:
 
 def scale_from_amax(amax: torch.Tensor, round_scale: bool = False) -> torch.Tensor:
     """float32 scale for each group from its float32 absolute maximum."""
-    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    # A tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, which can
+    # differ from the IEEE quotient in the last bit, and the kernels divide.
+    scale = amax / amax.new_full((), FP8_MAX)
     if round_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale
