@@ -61,7 +61,9 @@ class CommStream:
     ``scope`` makes the communication stream wait for ``previous_event`` (or for the caller's stream),
     runs the body there, then either makes the caller wait (``async_finish=False``) or leaves the
     caller free and hands back an event. Outputs made on the communication stream are recorded on the
-    caller's stream unless ``allocate_on_comm_stream`` asks to leave their ownership there.
+    caller's stream unless ``allocate_on_comm_stream`` asks to leave their ownership there. A plain
+    synchronous call (no previous event, no async finish, outputs owned by the caller) runs on the
+    caller's stream itself: the order is the same, without the stream switches and events.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -76,7 +78,12 @@ class CommStream:
             yield work
             return
         compute = torch.cuda.current_stream(self.device)
-        if previous_event is not None and previous_event.event is not None:
+        waits_for_event = previous_event is not None and previous_event.event is not None
+        if not (waits_for_event or async_finish or allocate_on_comm_stream):
+            yield work
+            work.event = capture_event()
+            return
+        if waits_for_event:
             self.stream.wait_event(previous_event.event)
         else:
             self.stream.wait_stream(compute)
