@@ -23,6 +23,12 @@ def add_size_args(parser) -> None:
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--sms", type=int, default=24, help="SMs the moekit kernels may use")
     parser.add_argument("--ranks", type=int, default=None, help="GPUs (ranks) to use; default: every GPU")
+    parser.add_argument("--no-vdev", action="store_true", help="skip torch's all_to_all_vdev_2d baseline")
+
+
+def row_bytes(fmt: str, hidden: int) -> int:
+    """Bytes of one dispatched row: bf16 values, or e4m3 values plus one float32 scale per 128."""
+    return 2 * hidden if fmt == "bf16" else hidden + 4 * (hidden // 128)
 
 
 def peer_copy_bandwidth_gbps(nbytes: int) -> float:
@@ -67,9 +73,10 @@ def random_routing(num_tokens: int, hidden: int, topk: int, num_experts: int, se
     return x, idx, weights
 
 
-def run_sizes(title: str, sizes: list[int], fn, *args, ranks: int | None = None) -> list[dict]:
-    """Runs ``fn(num_tokens, *args)`` on ``ranks`` GPU ranks (default: every GPU) for each size, with a
-    progress bar; returns rank 0's rows."""
+def run_sizes(title: str, sizes: list[int], fn, *args, ranks: int | None = None,
+              env: dict[str, str] | None = None) -> list[dict]:
+    """Runs ``fn(num_tokens, *args)`` on ``ranks`` GPU ranks (default: every GPU; environment ``env``)
+    for each size, with a progress bar; returns rank 0's rows."""
     from rich.progress import Progress
 
     from moekit.testing.cluster import Cluster
@@ -79,7 +86,7 @@ def run_sizes(title: str, sizes: list[int], fn, *args, ranks: int | None = None)
     if not 2 <= ranks <= gpus:
         raise SystemExit(f"{title}: needs 2 or more GPUs joined by NVLink (asked for {ranks}, found {gpus})")
     rows = []
-    with Cluster(ranks, backend="nccl", timeout_s=600) as cluster, Progress() as progress:
+    with Cluster(ranks, backend="nccl", timeout_s=600, env=env) as cluster, Progress() as progress:
         task = progress.add_task(title, total=len(sizes))
         for n in sizes:
             rows.extend(cluster.run(fn, n, *args)[0])
@@ -87,10 +94,32 @@ def run_sizes(title: str, sizes: list[int], fn, *args, ranks: int | None = None)
     return rows
 
 
+def _add_vdev(report: Report, args, formats: tuple[str, ...]) -> None:
+    """Adds torch's ``all_to_all_vdev_2d`` time on the same routing to each row (worker processes of
+    its own: its NVSHMEM backend is chosen once per process)."""
+    from moekit.bench import _vdev
+
+    widths = [row_bytes(f, args.hidden) for f in formats]
+    world = args.ranks or torch.cuda.device_count()
+    heap = _vdev.heap_bytes(max(args.tokens), args.topk, world, max(widths))
+    found = {(r["tokens"], r["row_bytes"]): r
+             for r in run_sizes("all_to_all_vdev_2d", args.tokens, _vdev.measure, args.hidden, args.topk,
+                                args.experts, widths, ranks=args.ranks,
+                                env={"NVSHMEM_SYMMETRIC_SIZE": str(heap)})}
+    for row in report.rows:
+        got = found.get((row["tokens"], row_bytes(row["format"], args.hidden)), {})
+        row["vdev_us"] = got.get("vdev_us")
+        row["vs_vdev"] = row["vdev_us"] / row["us_cached"] if row["vdev_us"] else None
+    errors = {r["vdev_error"] for r in found.values() if r.get("vdev_error")}
+    if errors:
+        report.notes.append("all_to_all_vdev_2d did not run: " + "; ".join(sorted(errors)))
+
+
 def sweep_main(argv: list[str], name: str, description: str, title: str, columns: dict[str, str], measure,
-               series: list[str], group: str | None = None) -> int:
+               series: list[str], group: str | None = None, formats: tuple[str, ...] = ("bf16",)) -> int:
     """The command line of a token-count sweep: parse the sizes, run ``measure`` on every rank for each
-    size, then print the table (with the peer bandwidth measured in the run) and save what was asked."""
+    size (rows of each of ``formats``), then torch's ``all_to_all_vdev_2d`` on the same routing,
+    print the table (with the peer bandwidth measured in the run) and save what was asked."""
     parser = argparse.ArgumentParser(prog=f"python -m moekit bench {name}", description=description)
     add_size_args(parser)
     add_output_args(parser)
@@ -100,7 +129,11 @@ def sweep_main(argv: list[str], name: str, description: str, title: str, columns
     for row in run_sizes(name, args.tokens, measure, args.hidden, args.topk, args.experts, args.sms,
                          ranks=args.ranks):
         report.add(**row)
+    if not args.no_vdev:
+        _add_vdev(report, args, formats)
     report.notes.append("peer copy-engine bandwidth, every GPU pushing to the next: "
                         f"{report.rows[0]['peer_gbps']:.0f} GB/s")
+    report.notes.append("vdev_2d: torch's all_to_all_vdev_2d moving one row per (token, expert) pair, grouped "
+                        "by expert, on the same routing")
     report.finish(args, x="tokens", series=series, group=group, ylabel="us")
     return 0

@@ -1,7 +1,8 @@
 """``python -m moekit bench combine``: high-throughput combine (bf16) on the GPUs of one host against NCCL.
 
 The rows a dispatch delivered go back and are summed per token; NCCL ``all_to_all_single`` moves the
-same rows back (no reduction counted against it); moekit's torch backend does the same combine.
+same rows back (no reduction counted against it), torch's ``all_to_all_vdev_2d`` moves one row per
+(token, expert) pair on the same routing (where it runs); moekit's torch backend does the same combine.
 """
 
 from __future__ import annotations
@@ -45,4 +46,4 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
 
 def main(argv: list[str]) -> int:
     columns = {k: v for k, v in COLUMNS.items() if k not in ("us_cached", "format")}
-    return sweep_main(argv, "combine", __doc__, "combine bf16", columns, measure, ["us", "nccl_us"])
+    return sweep_main(argv, "combine", __doc__, "combine bf16", columns, measure, ["us", "nccl_us", "vdev_us"])

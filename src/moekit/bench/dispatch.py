@@ -1,8 +1,9 @@
 """``python -m moekit bench dispatch``: high-throughput dispatch on the GPUs of one host against NCCL.
 
 Times moekit's triton backend (with the handle reused, as DeepEP's test times it, and without),
-NCCL ``all_to_all_single`` moving the same remote bytes (rows already grouped by destination) and
-moekit's torch backend, for bf16 and FP8 rows; reports GB/s as DeepEP counts them (every received
+NCCL ``all_to_all_single`` moving the same remote bytes (rows already grouped by destination),
+torch's ``all_to_all_vdev_2d`` on the same routing (where it runs) and moekit's torch backend, for
+bf16 and FP8 rows; reports GB/s as DeepEP counts them (every received
 byte) and as bytes that crossed NVLink, against the copy engine's peer bandwidth in the same run.
 """
 
@@ -11,12 +12,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, sweep_main
+from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, row_bytes, sweep_main
 from moekit.bench.timing import median_us
 
 COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
            "gbps_deepep": "GB/s DeepEP", "gbps_nvlink": "GB/s NVLink", "nccl_us": "NCCL us",
-           "vs_nccl": "x NCCL", "torch_us": "torch-backend us", "peer_fraction": "of peer BW", "sms": "SMs"}
+           "vs_nccl": "x NCCL", "vdev_us": "vdev_2d us", "vs_vdev": "x vdev_2d", "torch_us": "torch-backend us", "peer_fraction": "of peer BW", "sms": "SMs"}
 
 
 def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
@@ -41,20 +42,21 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
         us_cached = median_us(lambda: fast.dispatch(data, handle=d.handle), setup=dist.barrier)
         us = median_us(lambda: fast.dispatch(data, **args), setup=dist.barrier)
         torch_us = median_us(lambda: ref.dispatch(data, **args), warmup=2, repeat=5, setup=dist.barrier)
-        row_bytes = hidden * (2 if fmt == "bf16" else 1) + (0 if fmt == "bf16" else 4 * hidden // 128)
+        width = row_bytes(fmt, hidden)
         prefix = d.handle.rank_prefix_matrix.to(torch.int64)
         counts = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
         send, recv = counts[rank].tolist(), counts[:, rank].tolist()
-        nccl_us = nccl_all_to_all_us(send, recv, row_bytes)
+        nccl_us = nccl_all_to_all_us(send, recv, width)
         remote = sum(recv) - recv[rank]
         rows.append(dict(tokens=num_tokens, format=fmt, us_cached=us_cached, us=us,
-                         gbps_deepep=sum(recv) * row_bytes / us_cached / 1e3,
-                         gbps_nvlink=remote * row_bytes / us_cached / 1e3, nccl_us=nccl_us,
+                         gbps_deepep=sum(recv) * width / us_cached / 1e3,
+                         gbps_nvlink=remote * width / us_cached / 1e3, nccl_us=nccl_us,
                          vs_nccl=nccl_us / us_cached, torch_us=torch_us,
-                         peer_fraction=remote * row_bytes / us_cached / 1e3 / peer_gbps, sms=num_sms,
+                         peer_fraction=remote * width / us_cached / 1e3 / peer_gbps, sms=num_sms,
                          peer_gbps=peer_gbps))
     return rows
 
 
 def main(argv: list[str]) -> int:
-    return sweep_main(argv, "dispatch", __doc__, "dispatch", COLUMNS, measure, ["us_cached", "nccl_us"], group="format")
+    return sweep_main(argv, "dispatch", __doc__, "dispatch", COLUMNS, measure, ["us_cached", "nccl_us", "vdev_us"],
+                      group="format", formats=("bf16", "fp8"))
