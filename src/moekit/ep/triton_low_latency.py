@@ -115,6 +115,9 @@ class TritonLowLatency:
             self.half = self.heap.nbytes // 2 // _ALIGN * _ALIGN
         # [0, p]: calls completed at parity p; [1, p]: the epoch of the call in flight there.
         self.epochs = torch.zeros((2, 2), dtype=torch.int64, device=device)
+        # Per parity, one counter per expert (or per (local expert, rank)) of the send programs that
+        # finished; the last one to arrive signals the receiver, and the counters are zero between calls.
+        self.arrivals = torch.zeros((2, 1 << _LIMITS["num_experts"]), dtype=torch.int32, device=device)
         self.errors = ErrorRecord(device)
         self.max_wait = wait_budget(self.timeout_s, self.interpret)
         self._calls = 0
@@ -158,8 +161,8 @@ class TritonLowLatency:
                                  "num_experts": num_experts, "num_topk": k}, use_fp8, use_ue8m0)
         parity, half_base = self._next_parity()
         x, topk_idx = x.contiguous(), topk_idx.contiguous()
-        launch_dispatch_send(x, topk_idx, self.heap.ptrs, self.epochs, parity, half_base, params, layout.offsets(),
-                             self.rank, r, t_max, num_experts, use_fp8, round_scale, self.interpret)
+        launch_dispatch_send(x, topk_idx, self.heap.ptrs, self.epochs, self.arrivals[parity], parity, half_base, params,
+                             layout.offsets(), self.rank, r, t_max, num_experts, use_fp8, round_scale, self.interpret)
 
         recv_data, recv_scales, recv_count, handle = empty_low_latency_outputs(
             r, t_max, hidden, num_experts, k, use_fp8, use_ue8m0, self.device)
@@ -199,7 +202,7 @@ class TritonLowLatency:
                                 "num_experts": num_experts, "num_topk": k}, False, False)
         parity, half_base = self._next_parity()
         launch_combine_send(source, handle.src_info, handle.src_slot, handle.layout_range, self.heap.ptrs, self.epochs,
-                            parity, half_base, params, layout.offsets(), self.rank, r, t_max, k)
+                            self.arrivals[parity], parity, half_base, params, layout.offsets(), self.rank, r, t_max, k)
         n = topk_idx.shape[0]
         result = out if out is not None else torch.empty((n, hidden), dtype=torch.bfloat16, device=self.device)
         target = result if result.is_contiguous() else torch.empty_like(result, memory_format=torch.contiguous_format)
@@ -224,6 +227,7 @@ class TritonLowLatency:
         self.heap.barrier()
         self.heap.local.zero_()
         self.epochs.zero_()
+        self.arrivals.zero_()
         self.errors.words.zero_()
         self._calls = 0
         self.heap.barrier()

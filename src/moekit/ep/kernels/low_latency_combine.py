@@ -3,8 +3,9 @@ receive (the hook: each token's weighted sum).
 
 Heap areas of one parity (see ``low_latency_dispatch``): ``params`` int64 [R], ``flags`` int64
 [E_loc, R] and, reusing the receive area, bf16 [T, K, H]: one row per (token, top-k slot) of
-this rank's tokens. ``flags[le, d]`` on rank s has one writer, rank d's send program (le, s), and
-holds ``epoch << 32`` once its rows have landed; program (0, s) also writes ``params[d]``.
+this rank's tokens. ``flags[le, d]`` on rank s has one writer, rank d's last send program of
+(le, s) to finish, and holds ``epoch << 32`` once the rows of (le, s) have landed; with it rank d
+writes ``params[d]`` when le = 0.
 """
 
 from __future__ import annotations
@@ -13,21 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ep.kernels.low_latency_dispatch import wait_sources
-from moekit.ep.kernels.sync import error_pointer, peer_pointer, signal, wait_all_geq
+from moekit.ep.kernels.low_latency_dispatch import wait_call
+from moekit.ep.kernels.sync import error_pointer, peer_pointer, signal
 
 
 # ---------------------------------------------------------------------------------------------- send
-# Program (le, s) on rank d: rows begin..begin+n-1 of expert le's slab came from rank s
-# (layout_range[le, s] = (begin << 32) | n); row r goes to slot (src_info[r], src_slot[r]) of rank
-# s's [T, K, H] area. Then flags[le, d] on s = epoch << 32.
+# Program (le, s, c) on rank d: rows begin..begin+n-1 of expert le's slab came from rank s
+# (layout_range[le, s] = (begin << 32) | n); words [c * SPAN, (c + 1) * SPAN) of row r go to slot
+# (src_info[r], src_slot[r]) of rank s's [T, K, H] area. Then one arrival on arrivals[le, s]; the
+# C-th (last) sets flags[le, d] on s = epoch << 32 and zeroes the counter for the next call.
 @triton.jit
 def low_latency_combine_send_kernel(
-        x_ptr, src_info, src_slot, layout_range, ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off,
-        recv_off, rank, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
-        CHUNK: tl.constexpr):
+        x_ptr, src_info, src_slot, layout_range, ptrs, epochs_ptr, arrivals_ptr, parity, half_base, call_params,
+        params_off, flags_off, recv_off, rank, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr,
+        H: tl.constexpr, CHUNKS: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, TILE_ROWS: tl.constexpr):
     le = tl.program_id(0)
     s = tl.program_id(1)
+    c = tl.program_id(2)
     epoch = tl.load(epochs_ptr + parity) + 1
     tl.store(epochs_ptr + 2 + parity, epoch)
     packed = tl.load(layout_range + le * NUM_RANKS + s)
@@ -35,32 +38,59 @@ def low_latency_combine_send_kernel(
     n = (packed & 0xFFFFFFFF).to(tl.int32)
     RT: tl.constexpr = NUM_RANKS * T
     WORDS: tl.constexpr = H // 2  # a bf16 row as int32 words (H is even)
-    c = tl.arange(0, CHUNK)
-    for j in range(n):
-        row = le.to(tl.int64) * RT + begin + j
-        tok = tl.load(src_info + row).to(tl.int64)
-        k = tl.load(src_slot + row)
+    base = tl.load(ptrs + s) + half_base
+    w = c * SPAN + tl.arange(0, BLOCK)
+    live = (tl.arange(0, BLOCK) < SPAN) & (w < WORDS)
+    r = tl.arange(0, TILE_ROWS)
+    for j0 in range(0, n, TILE_ROWS):
+        got = j0 + r < n
+        row = le.to(tl.int64) * RT + begin + j0 + r
+        tok = tl.load(src_info + row, mask=got, other=0).to(tl.int64)
+        k = tl.load(src_slot + row, mask=got, other=0)
+        # Rows are 16-byte aligned (2 * H is a multiple of 16): wide stores.
+        dst = tl.multiple_of((base + recv_off + (tok * K + k) * (2 * H)).to(tl.pointer_type(tl.int32)), 16)
         src = x_ptr.to(tl.pointer_type(tl.int32)) + row * WORDS
-        dst = peer_pointer(ptrs, s, half_base + recv_off + (tok * K + k) * (2 * H), tl.int32)
-        for start in range(0, WORDS, CHUNK):
-            live = start + c < WORDS
-            tl.store(dst + start + c, tl.load(src + start + c, mask=live), mask=live)
-    if le == 0:
-        tl.store(peer_pointer(ptrs, s, half_base + params_off + rank * 8, tl.int64), call_params)
+        inside = got[:, None] & live[None, :]
+        tl.store(dst[:, None] + w[None, :], tl.load(src[:, None] + w[None, :], mask=inside), mask=inside)
     tl.debug_barrier()
-    signal(peer_pointer(ptrs, s, half_base + flags_off + (le * NUM_RANKS + rank) * 8, tl.int64), epoch << 32)
+    # Release orders this program's stores before its arrival; acquire lets the last arrival's
+    # flag cover every earlier arrival's stores.
+    counter = arrivals_ptr + le * NUM_RANKS + s
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="sys") == CHUNKS - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed")
+        if le == 0:
+            tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params)
+    tl.debug_barrier()
+    if last:
+        signal(peer_pointer(ptrs, s, half_base + flags_off + (le * NUM_RANKS + rank) * 8, tl.int64), epoch << 32)
 
 
 def launch_combine_send(x: torch.Tensor, src_info: torch.Tensor, src_slot: torch.Tensor, layout_range: torch.Tensor,
-                        ptrs: torch.Tensor, epochs: torch.Tensor, parity: int, half_base: int, call_params: int,
-                        offsets: dict[str, int], rank: int, num_ranks: int, num_max_tokens: int, num_topk: int) -> None:
-    """Sends the valid rows of ``x`` bf16 [E_loc, R*T, H] (contiguous) back to their tokens' ranks."""
+                        ptrs: torch.Tensor, epochs: torch.Tensor, arrivals: torch.Tensor, parity: int, half_base: int,
+                        call_params: int, offsets: dict[str, int], rank: int, num_ranks: int, num_max_tokens: int,
+                        num_topk: int) -> None:
+    """Sends the valid rows of ``x`` bf16 [E_loc, R*T, H] (contiguous) back to their tokens' ranks;
+    ``arrivals`` int32 [E], zero, is this parity's counters (zero again after the kernel)."""
     e_loc, _, hidden = x.shape
     words = hidden // 2
-    low_latency_combine_send_kernel[(e_loc, num_ranks)](
-        x, src_info, src_slot, layout_range, ptrs, epochs, parity, half_base, call_params, offsets["params"],
+    span = 4 * triton.cdiv(words, 4 * combine_send_chunks(num_max_tokens, words))  # 16-byte pieces
+    chunks = triton.cdiv(words, span)
+    block = triton.next_power_of_2(span)
+    low_latency_combine_send_kernel[(e_loc, num_ranks, chunks)](
+        x, src_info, src_slot, layout_range, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"],
         offsets["flags"], offsets["recv"], rank, NUM_RANKS=num_ranks, T=num_max_tokens, K=num_topk, H=hidden,
-        CHUNK=min(triton.next_power_of_2(words), 1024), num_warps=4)
+        CHUNKS=chunks, SPAN=span, BLOCK=block, TILE_ROWS=max(1, TILE // block), num_warps=4)
+
+
+# Words of one step of the send's copy (rows x words).
+TILE = 4096
+
+
+def combine_send_chunks(num_max_tokens: int, words: int) -> int:
+    """Programs per (expert, source) of the combine send: about one per 32 rows it may hold, each
+    at least 512 words of a row."""
+    return max(1, min(triton.cdiv(num_max_tokens, 32), triton.cdiv(words, 512)))
 
 
 @triton.jit
@@ -86,8 +116,8 @@ def _to_bf16(v, INTERPRET: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------- receive
-# Program t (token t of this rank), once every source's flags[0, :] and the flags of the experts
-# in topk_idx[t] reached this call's epoch:
+# Program (t, c) (token t of this rank, channels [c * BLOCK, (c + 1) * BLOCK)), once every source's
+# flags[0, :] and the flags of the experts in topk_idx[t] reached this call's epoch:
 #   out[t] = bf16(acc), acc = 0; for k in 0..K-1 with topk_idx[t, k] >= 0:
 #   acc = acc + w[t, k] * float(row[t, k])   (float32, each product rounded, slot order)
 @triton.jit
@@ -95,39 +125,38 @@ def low_latency_combine_receive_kernel(
         topk_ptr, weights_ptr, out_ptr, num_tokens, ptrs, epochs_ptr, parity, half_base, call_params, params_off,
         flags_off, recv_off, rank, max_wait, error_addr, op,
         E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
+        BLOCK_W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
+    c = tl.program_id(1)
     epoch = tl.load(epochs_ptr + 2 + parity)
     tl.store(epochs_ptr + parity, epoch)
     # Even a rank without tokens waits for every source: a source signals this call only after it
     # finished receiving the previous one, so this rank's next send cannot overwrite what a peer
-    # still reads.
+    # still reads. Lanes [0, R): flags[0, :]; lanes [BLOCK_R, BLOCK_R + K): token t's experts.
     local_base = tl.load(ptrs + rank) + half_base
-    error = error_pointer(error_addr)
-    ok = wait_sources(local_base, flags_off, params_off, call_params, epoch, max_wait, error, op, rank, NUM_RANKS,
+    lane = tl.arange(0, BLOCK_W)
+    slot = lane - BLOCK_R
+    ids = tl.load(topk_ptr + t * K + slot, mask=(slot >= 0) & (slot < K) & (t < num_tokens), other=-1)
+    valid = ids >= 0
+    owner = tl.where(valid, ids // E_LOC, 0)
+    source = lane < BLOCK_R
+    ok, _ = wait_call(local_base, flags_off, params_off, call_params,
+                      tl.where(source, lane, (ids - owner * E_LOC) * NUM_RANKS + owner), (lane < NUM_RANKS) | valid,
+                      tl.where(source, lane, owner), epoch, max_wait, error_pointer(error_addr), op, rank, NUM_RANKS,
                       BLOCK_R, INTERPRET)
-    if t < num_tokens:
-        kk = tl.arange(0, BLOCK_K)
-        ids = tl.load(topk_ptr + t * K + kk, mask=kk < K, other=-1)
-        weights = tl.load(weights_ptr + t * K + kk, mask=kk < K, other=0.0)
-        valid = ids >= 0
-        owner = tl.where(valid, ids // E_LOC, 0)
-        flags = (local_base + flags_off).to(tl.pointer_type(tl.int64)) + (ids - owner * E_LOC) * NUM_RANKS + owner
-        ok = ok & wait_all_geq(tl.where(valid, flags, (local_base + flags_off).to(tl.pointer_type(tl.int64))), valid,
-                               epoch << 32, owner, max_wait, error, op, rank, INTERPRET)
-        tl.debug_barrier()
-        if ok:
-            rows = (local_base + recv_off).to(tl.pointer_type(tl.bfloat16)) + t.to(tl.int64) * K * H
-            c = tl.arange(0, CHUNK)
-            for start in range(0, H, CHUNK):
-                live = start + c < H
-                acc = tl.zeros([CHUNK], dtype=tl.float32)
-                for k in tl.static_range(K):
-                    used = tl.sum(tl.where(kk == k, valid.to(tl.int32), 0), axis=0) > 0
-                    w = tl.sum(tl.where(kk == k, weights, 0.0), axis=0)
-                    v = tl.load(rows + k * H + start + c, mask=live & used, other=0.0, cache_modifier=".cg")
-                    acc = tl.where(used, acc + _mul_rn(w, v.to(tl.float32), INTERPRET), acc)
-                tl.store(out_ptr + t.to(tl.int64) * H + start + c, _to_bf16(acc, INTERPRET), mask=live)
+    if ok & (t < num_tokens):
+        # Rows are 16-byte aligned (2 * H is a multiple of 16): wide loads.
+        rows = tl.multiple_of((local_base + recv_off + t.to(tl.int64) * (K * 2 * H)).to(tl.pointer_type(tl.bfloat16)),
+                              16)
+        h = c * BLOCK + tl.arange(0, BLOCK)
+        live = h < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            used = tl.load(topk_ptr + t * K + k) >= 0
+            w = tl.load(weights_ptr + t * K + k)
+            v = tl.load(rows + k * H + h, mask=live & used, other=0.0, cache_modifier=".cg")
+            acc = tl.where(used, acc + _mul_rn(w, v.to(tl.float32), INTERPRET), acc)
+        tl.store(out_ptr + t.to(tl.int64) * H + h, _to_bf16(acc, INTERPRET), mask=live)
 
 
 def launch_combine_receive(topk_idx: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor, ptrs: torch.Tensor,
@@ -137,8 +166,17 @@ def launch_combine_receive(topk_idx: torch.Tensor, topk_weights: torch.Tensor, o
     """Writes ``out`` bf16 [N, H] (contiguous): each token's weighted sum of its returned rows."""
     n, hidden = out.shape
     k = topk_idx.shape[1]
-    low_latency_combine_receive_kernel[(max(n, 1),)](
+    span = combine_receive_span(n, hidden)
+    block_r = triton.next_power_of_2(num_ranks)
+    low_latency_combine_receive_kernel[(max(n, 1), triton.cdiv(hidden, span))](
         topk_idx, topk_weights, out, n, ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"],
         offsets["recv"], rank, max_wait, error_addr, op, E_LOC=e_loc, NUM_RANKS=num_ranks, K=k, H=hidden,
-        BLOCK_R=triton.next_power_of_2(num_ranks), BLOCK_K=triton.next_power_of_2(k),
-        CHUNK=min(triton.next_power_of_2(hidden), 2048), INTERPRET=interpret, num_warps=4)
+        BLOCK_R=block_r, BLOCK_W=triton.next_power_of_2(block_r + k), BLOCK=span, INTERPRET=interpret,
+        num_warps=max(1, min(4, span // 256)))
+
+
+def combine_receive_span(num_tokens: int, hidden: int) -> int:
+    """Channels per program of the combine receive (a power of two): about 512 programs read at
+    once, each 256 to 2048 channels (8 per thread)."""
+    span = triton.next_power_of_2(hidden * max(num_tokens, 1) // 512 + 1) // 2  # largest power of two <= H*N/512
+    return min(max(256, min(2048, span)), triton.next_power_of_2(hidden))

@@ -5,10 +5,12 @@ Heap areas of one parity on every rank (offsets from :class:`moekit.ep.triton_lo
 (local expert, source rank) T message slots: data [E_loc, R, T, row bytes], header int32
 [E_loc, R, T, 2] (source token, top-k slot) and float32 scales [E_loc, R, T, H/128] (FP8 only).
 
-Flag ``flags[le, s]`` on rank d has one writer: rank s's send program for global expert
-``d * E_loc + le``; it holds ``(epoch << 32) | rows`` once those rows have landed. Program
-``le = 0`` also writes ``params[s]``, the sizes rank s called with, before its flag, so that the
-receiver can refuse a call whose sizes disagree without a host collective.
+Flag ``flags[le, s]`` on rank d has one writer per call: of rank s's send programs that sent rows
+of global expert ``d * E_loc + le``, the last to finish (it counts the others' arrivals), or the
+program that stands for that expert when no token chose it; it holds ``(epoch << 32) | rows``
+once those rows have landed. The writer of ``flags[0, s]`` also writes ``params[s]``, the sizes
+rank s called with, before its flag, so that the receiver can refuse a call whose sizes disagree
+without a host collective.
 
 The epoch of a call lives on the device (CUDA graphs replay the same kernel arguments):
 ``epochs[0, p]`` counts the calls completed at parity p, the send reads it and publishes the
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ep.kernels.sync import MISMATCH, error_pointer, peer_pointer, poll, signal, wait_all_geq
+from moekit.ep.kernels.sync import MISMATCH, error_pointer, signal_where, wait_all
 
 _MISMATCH = tl.constexpr(MISMATCH)
 
@@ -66,139 +68,199 @@ def fp8_cast_groups(v, ROUND_SCALE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def wait_sources(local_base, flags_off, params_off, call_params, epoch, max_wait, error, op, rank,
-                 NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
-    """Waits until every source s has set ``flags[0, s]`` to this call's ``epoch`` and checks that it
-    sent the same ``call_params`` (op and sizes) as this rank's call. Returns whether all is well.
+def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_mask, peers, epoch, max_wait, error, op,
+              rank, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+    """Waits until the flags ``flags[flag_index]`` under ``wait_mask`` reached this call's ``epoch``
+    (all in one spin; they must include every source's ``flags[0, s]``, index s, whose writer also
+    wrote ``params[s]``) and checks that every source sent the same ``call_params`` (op and sizes)
+    as this rank's call. Returns (whether all is well, the flags' values).
 
-    On a disagreement records ``[MISMATCH, op, rank, first such source]`` at ``error``.
+    On a disagreement records ``[MISMATCH, op, rank, first such source]`` at ``error``, over a
+    timeout that it may have caused (a peer with other sizes may never set some flags).
     """
+    target = epoch << 32
+    flags = (local_base + flags_off).to(tl.pointer_type(tl.int64))
+    values = wait_all(flags + tl.where(wait_mask, flag_index, 0), wait_mask, target, peers, max_wait, error, op, rank,
+                      INTERPRET)
     src = tl.arange(0, BLOCK_R)
     live = src < NUM_RANKS
-    flags = (local_base + flags_off).to(tl.pointer_type(tl.int64))
-    ok = wait_all_geq(flags + tl.where(live, src, 0), live, epoch << 32, src, max_wait, error, op, rank, INTERPRET)
+    # Indices below R are the flags[0, :], whose writers wrote params first.
+    sources_in = tl.min(tl.where((flag_index < NUM_RANKS) & wait_mask, values, target), axis=0) >= target
     tl.debug_barrier()
     got = tl.load((local_base + params_off).to(tl.pointer_type(tl.int64)) + src, mask=live, other=call_params,
                   volatile=True)
     bad = (got != call_params).to(tl.int32)
-    if ok & (tl.max(bad, axis=0) > 0):
+    if sources_in & (tl.max(bad, axis=0) > 0):
         tl.atomic_xchg(error + 1, op)
         tl.atomic_xchg(error + 2, rank)
         tl.atomic_xchg(error + 3, tl.min(tl.where(bad > 0, src, NUM_RANKS), axis=0))
         tl.atomic_xchg(error, _MISMATCH)
-    return ok & (tl.max(bad, axis=0) == 0)
+    return (tl.min(values, axis=0) >= target) & (tl.max(bad, axis=0) == 0), values
 
 
 # ---------------------------------------------------------------------------------------------- send
-# Program e (one per global expert, owner d = e // E_loc, le = e % E_loc) on rank s:
-#   rows_e = [t : e in topk_idx[t]] in token order; row i of them goes to slot (le, s, i) of d's
-#   receive area: data = x[t] (bf16) or e4m3(x[t] / scale) with scale per 128 channels, header
-#   (t, k) with topk_idx[t, k] = e, scales. Then flags[le, s] on d = (epoch << 32) | len(rows_e).
+# Program (t, c) on rank s: channels [c * SPAN, (c + 1) * SPAN) of token t (t < N). For each top-k
+# slot k with e = topk_idx[t, k] >= 0 (owner d = e // E_loc, le = e % E_loc), row i = #{t' < t :
+# e in topk_idx[t']} (token order) of slot area (le, s) on d gets data = x[t] (bf16) or
+# e4m3(x[t] / scale) with scale per 128 channels (cast once for all k), scales, header (t, k).
+# Then one arrival on arrivals[e]; the arrival that completes the expert's count_e * C (count_e =
+# #{t : e in topk_idx[t]}, C chunks per token) sets flags[le, s] on d = (epoch << 32) | count_e
+# and zeroes the counter for the next call. Experts with count_e = 0 get no arrival: program
+# q = t * C + c sets the flags of experts q * EPP .. q * EPP + EPP - 1 that no token chose.
 @triton.jit
 def low_latency_dispatch_send_kernel(
-        x_ptr, topk_ptr, num_tokens, ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off,
-        data_off, header_off, scales_off, rank,
+        x_ptr, topk_ptr, num_tokens, ptrs, epochs_ptr, arrivals_ptr, parity, half_base, call_params, params_off,
+        flags_off, data_off, header_off, scales_off, rank,
         E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, USE_FP8: tl.constexpr,
+        CHUNKS: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_TOKENS: tl.constexpr, EPP: tl.constexpr, BLOCK_EPP: tl.constexpr, USE_FP8: tl.constexpr,
         ROUND_SCALE: tl.constexpr, INTERPRET: tl.constexpr):
-    e = tl.program_id(0)
-    dest = e // E_LOC
-    le = e % E_LOC
+    t = tl.program_id(0)
+    c = tl.program_id(1)
     epoch = tl.load(epochs_ptr + parity) + 1
     tl.store(epochs_ptr + 2 + parity, epoch)
-
-    t = tl.arange(0, BLOCK_T)
+    E: tl.constexpr = E_LOC * NUM_RANKS
     kk = tl.arange(0, BLOCK_K)
-    ids = tl.load(topk_ptr + t[:, None] * K + kk[None, :], mask=(t[:, None] < num_tokens) & (kk[None, :] < K),
-                  other=-1)
-    hit = ids == e
-    has = tl.sum(hit.to(tl.int32), axis=1)
-    slot = tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
-    pos = tl.cumsum(has, axis=0) - has
-    count = tl.sum(has, axis=0)
+    ids = tl.load(topk_ptr + t * K + kk, mask=(kk < K) & (t < num_tokens), other=-1)
+    valid = ids >= 0
+    q = t * CHUNKS + c
+    ee = q * EPP + tl.arange(0, BLOCK_EPP)
+    mine = (tl.arange(0, BLOCK_EPP) < EPP) & (ee < E)
 
-    slot0 = ((le * NUM_RANKS + rank) * T).to(tl.int64)  # this (expert, source) pair's first message slot
+    # How many earlier (high 16 bits) and all (low 16 bits; at most T < 2**16) tokens chose each of
+    # this token's experts, and all tokens each of this program's designated experts.
+    wanted = ids.to(tl.int32)
+    counts = tl.zeros([BLOCK_K], dtype=tl.int32)
+    count_mine = tl.zeros([BLOCK_EPP], dtype=tl.int32)
+    rows = tl.arange(0, BLOCK_TOKENS)
+    for start in range(0, num_tokens, BLOCK_TOKENS):
+        tok = start + rows
+        chosen = tl.load(topk_ptr + tok[:, None] * K + kk[None, :], mask=(tok[:, None] < num_tokens) & (kk[None, :] < K),
+                         other=-1).to(tl.int32)[:, :, None]
+        hit = tl.where(chosen == wanted[None, None, :], tl.where(tok[:, None, None] < t, 0x10001, 1), 0)
+        counts += tl.sum(tl.sum(hit, axis=0), axis=0)
+        count_mine += tl.sum(tl.sum((chosen == ee[None, None, :]).to(tl.int32), axis=0), axis=0)
+    count = counts & 0xFFFF
+    before = (counts >> 16) & 0xFFFF
+
+    dest = tl.where(valid, ids // E_LOC, 0)
+    le = tl.where(valid, ids % E_LOC, 0)
+    row = (le * NUM_RANKS + rank) * T + tl.where(valid, before, 0)  # int64: message slot on dest
+    base = tl.load(ptrs + dest) + half_base
     ROW_BYTES: tl.constexpr = H if USE_FP8 else 2 * H
-    G: tl.constexpr = H // 128
-    for i in range(count):
-        sel = (has > 0) & (pos == i)
-        tok = tl.sum(tl.where(sel, t, 0), axis=0)
-        k = tl.sum(tl.where(sel, slot, 0), axis=0)
-        row = slot0 + i
-        header = peer_pointer(ptrs, dest, half_base + header_off + row * 8, tl.int32)
-        tl.store(header + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, tok, k))
-        src = x_ptr + tok.to(tl.int64) * H
-        data = peer_pointer(ptrs, dest, half_base + data_off + row * ROW_BYTES, tl.uint8)
-        if USE_FP8:
-            scales = peer_pointer(ptrs, dest, half_base + scales_off + row * (G * 4), tl.float32)
-            GROUPS: tl.constexpr = CHUNK // 128
-            g = tl.arange(0, GROUPS)
-            c = tl.arange(0, 128)
-            for start in range(0, G, GROUPS):
-                live = (start + g) < G
-                offs = (start + g)[:, None] * 128 + c[None, :]
-                v = tl.load(src + offs, mask=live[:, None], other=0.0).to(tl.float32)
-                q, scale = fp8_cast_groups(v, ROUND_SCALE, INTERPRET)
-                tl.store(data + offs, q, mask=live[:, None])
-                tl.store(scales + start + g, scale, mask=live)
-        else:
-            words = data.to(tl.pointer_type(tl.bfloat16))
-            c = tl.arange(0, CHUNK)
-            for start in range(0, H, CHUNK):
-                live = start + c < H
-                tl.store(words + start + c, tl.load(src + start + c, mask=live), mask=live)
-    if le == 0:
-        tl.store(peer_pointer(ptrs, dest, half_base + params_off + rank * 8, tl.int64), call_params)
+    # Rows start 16-byte aligned (row bytes are a multiple of 16): wide stores.
+    data = base + data_off + row * ROW_BYTES
+    src = x_ptr + t.to(tl.int64) * H
+    if USE_FP8:
+        G: tl.constexpr = H // 128
+        SPAN_G: tl.constexpr = SPAN // 128
+        g = tl.arange(0, BLOCK // 128)
+        group = c * SPAN_G + g
+        live = (g < SPAN_G) & (group < G) & (t < num_tokens)
+        offs = group[:, None] * 128 + tl.arange(0, 128)[None, :]
+        v = tl.load(src + offs, mask=live[:, None], other=0.0).to(tl.float32)
+        fp8, scale = fp8_cast_groups(v, ROUND_SCALE, INTERPRET)
+        dst = tl.multiple_of(data.to(tl.pointer_type(tl.uint8)), 16)
+        tl.store(dst[:, None, None] + offs[None, :, :], fp8[None, :, :], mask=valid[:, None, None] & live[None, :, None])
+        scales = (base + scales_off + row * (G * 4)).to(tl.pointer_type(tl.float32))
+        tl.store(scales[:, None] + group[None, :], scale[None, :], mask=valid[:, None] & live[None, :])
+    else:
+        h = c * SPAN + tl.arange(0, BLOCK)
+        live = (tl.arange(0, BLOCK) < SPAN) & (h < H)
+        v = tl.load(src + h, mask=live & (t < num_tokens))
+        dst = tl.multiple_of(data.to(tl.pointer_type(tl.bfloat16)), 16)
+        tl.store(dst[:, None] + h[None, :], v[None, :], mask=valid[:, None] & live[None, :])
+    two = tl.arange(0, 2)
+    header = (base + header_off + row * 8).to(tl.pointer_type(tl.int32))
+    tl.store(header[:, None] + two[None, :], tl.where(two[None, :] == 0, t, kk[:, None]),
+             mask=valid[:, None] & (c == 0))
     tl.debug_barrier()
-    signal(peer_pointer(ptrs, dest, half_base + flags_off + (le * NUM_RANKS + rank) * 8, tl.int64),
-           (epoch << 32) | count.to(tl.int64))
+    # Release orders this program's stores before its arrival; acquire lets the last arrival's
+    # flag cover every earlier arrival's stores.
+    old = tl.atomic_add(arrivals_ptr + tl.where(valid, ids, 0), tl.full([BLOCK_K], 1, tl.int32), mask=valid,
+                        sem="acq_rel", scope="sys")
+    last = valid & (old == count * CHUNKS - 1)
+    tl.atomic_xchg(arrivals_ptr + tl.where(valid, ids, 0), tl.zeros([BLOCK_K], dtype=tl.int32), mask=last,
+                   sem="relaxed")
+    empty = mine & (count_mine == 0)
+    base_mine = tl.load(ptrs + tl.where(mine, ee // E_LOC, 0)) + half_base
+    le_mine = ee % E_LOC
+    tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params, mask=last & (le == 0))
+    tl.store((base_mine + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params,
+             mask=empty & (le_mine == 0))
+    tl.debug_barrier()
+    signal_where((base + flags_off + (le * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64)),
+                 (epoch << 32) | count.to(tl.int64), last)
+    signal_where((base_mine + flags_off + (le_mine * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64)),
+                 tl.zeros([BLOCK_EPP], dtype=tl.int64) + (epoch << 32), empty)
+
+
+# Elements of one step of the send's scan of the top-k ids (tokens x K x experts compared), and
+# words of one step of the receive's copy (rows x words).
+SCAN_BLOCK = 8192
+TILE = 4096
+
+
+def send_chunks(num_max_tokens: int, hidden: int) -> int:
+    """Programs per token of the dispatch send: enough that about 512 programs share the work
+    (small T: more SMs per token), each at least one 128-channel group."""
+    return max(1, min(triton.cdiv(512, num_max_tokens), triton.cdiv(hidden, 128)))
 
 
 def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Tensor, epochs: torch.Tensor,
-                         parity: int, half_base: int, call_params: int, offsets: dict[str, int], rank: int, num_ranks: int,
-                         num_max_tokens: int, num_experts: int, use_fp8: bool, round_scale: bool,
-                         interpret: bool) -> None:
-    """Sends every (token, expert) pair of ``x`` bf16 [N, H] routed by ``topk_idx`` int64 [N, K]."""
+                         arrivals: torch.Tensor, parity: int, half_base: int, call_params: int, offsets: dict[str, int],
+                         rank: int, num_ranks: int, num_max_tokens: int, num_experts: int, use_fp8: bool,
+                         round_scale: bool, interpret: bool) -> None:
+    """Sends every (token, expert) pair of ``x`` bf16 [N, H] routed by ``topk_idx`` int64 [N, K];
+    ``arrivals`` int32 [E], zero, is this parity's counters (zero again after the kernel)."""
     n, hidden = x.shape
     k = topk_idx.shape[1]
-    chunk = min(triton.next_power_of_2(hidden), 2048)
-    low_latency_dispatch_send_kernel[(num_experts,)](
-        x, topk_idx, n, ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"],
+    chunks = send_chunks(num_max_tokens, hidden)
+    span = 128 * triton.cdiv(triton.cdiv(hidden, 128), chunks)
+    chunks = triton.cdiv(hidden, span)
+    programs = num_max_tokens * chunks
+    epp = triton.cdiv(num_experts, programs)
+    block_k, block_epp = triton.next_power_of_2(k), triton.next_power_of_2(epp)
+    block_tokens = max(1, min(triton.next_power_of_2(num_max_tokens), SCAN_BLOCK // (block_k * max(block_k, block_epp))))
+    low_latency_dispatch_send_kernel[(num_max_tokens, chunks)](
+        x, topk_idx, n, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"], offsets["flags"],
         offsets["data"], offsets["header"], offsets["scales"], rank,
-        E_LOC=num_experts // num_ranks, NUM_RANKS=num_ranks, T=num_max_tokens, K=k, H=hidden,
-        BLOCK_T=triton.next_power_of_2(num_max_tokens), BLOCK_K=triton.next_power_of_2(k), CHUNK=chunk,
-        USE_FP8=use_fp8, ROUND_SCALE=round_scale, INTERPRET=interpret, num_warps=4)
+        E_LOC=num_experts // num_ranks, NUM_RANKS=num_ranks, T=num_max_tokens, K=k, H=hidden, CHUNKS=chunks,
+        SPAN=span, BLOCK=triton.next_power_of_2(span), BLOCK_K=block_k, BLOCK_TOKENS=block_tokens, EPP=epp,
+        BLOCK_EPP=block_epp, USE_FP8=use_fp8, ROUND_SCALE=round_scale, INTERPRET=interpret, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------- receive
-# Program (le, s) on rank d, after flags[0, :] and flags[le, :] reached this call's epoch:
+# Program (le, s, c) on rank d, after flags[0, :] and flags[le, :] reached this call's epoch:
 #   n_s = rows from source s, begin = sum(n_{s'} for s' < s); slab rows begin + j (j < n_s) of
-#   expert le = message slot (le, s, j): data, scales (UE8M0: exponent bytes, four per int32),
-#   src_info = header token, src_rank = s, src_slot = header slot; layout_range[le, s] =
-#   (begin << 32) | n_s. Program s = R - 1 writes recv_count[le] = sum(n), adds it to the stats
-#   and marks the unused rows' src_info / src_rank / src_slot with -1.
+#   expert le = message slot (le, s, j): data words [c * TILE_WORDS, (c + 1) * TILE_WORDS), and
+#   (c = 0) scales (UE8M0: exponent bytes, four per int32), src_info = header token, src_rank = s,
+#   src_slot = header slot, layout_range[le, s] = (begin << 32) | n_s. Program (le, R - 1, 0)
+#   writes recv_count[le] = sum(n), adds it to the stats and marks the unused rows' src_info /
+#   src_rank / src_slot with -1.
 @triton.jit
 def low_latency_dispatch_receive_kernel(
         ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off, data_off, header_off, scales_off,
         rank, max_wait, error_addr, op,
         out_data, out_scales, src_info, src_rank, src_slot, layout_range, recv_count, stats,
         E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, H: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, USE_FP8: tl.constexpr, USE_UE8M0: tl.constexpr,
-        HAS_STATS: tl.constexpr, INTERPRET: tl.constexpr):
+        BLOCK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_WORDS: tl.constexpr, BLOCK_G: tl.constexpr,
+        USE_FP8: tl.constexpr, USE_UE8M0: tl.constexpr, HAS_STATS: tl.constexpr, INTERPRET: tl.constexpr):
     le = tl.program_id(0)
     s = tl.program_id(1)
+    c = tl.program_id(2)
     epoch = tl.load(epochs_ptr + 2 + parity)
     tl.store(epochs_ptr + parity, epoch)
     local_base = tl.load(ptrs + rank) + half_base
     error = error_pointer(error_addr)
-    ok = wait_sources(local_base, flags_off, params_off, call_params, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R,
-                      INTERPRET)
-    src = tl.arange(0, BLOCK_R)
-    live = src < NUM_RANKS
-    mine = (local_base + flags_off).to(tl.pointer_type(tl.int64)) + le * NUM_RANKS + tl.where(live, src, 0)
-    ok = ok & wait_all_geq(mine, live, epoch << 32, src, max_wait, error, op, rank, INTERPRET)
+    # Lanes [0, R): flags[0, :]; lanes [BLOCK_R, BLOCK_R + R): flags[le, :].
+    lane = tl.arange(0, 2 * BLOCK_R)
+    src = lane % BLOCK_R
+    mine = lane >= BLOCK_R
+    ok, values = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
+                           src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
     if ok:
-        rows = tl.where(live, poll(mine), 0) & 0xFFFFFFFF
+        rows = tl.where(mine & (src < NUM_RANKS), values & 0xFFFFFFFF, 0)
         begin = tl.sum(tl.where(src < s, rows, 0), axis=0)
         n = tl.sum(tl.where(src == s, rows, 0), axis=0)
         RT: tl.constexpr = NUM_RANKS * T
@@ -206,50 +268,58 @@ def low_latency_dispatch_receive_kernel(
         ROW_WORDS: tl.constexpr = (H if USE_FP8 else 2 * H) // 4
         slot0 = ((le * NUM_RANKS + s) * T).to(tl.int64)
         out_row0 = le.to(tl.int64) * RT + begin
-        data = (local_base + data_off).to(tl.pointer_type(tl.int32)) + slot0 * ROW_WORDS
+        # Rows are 16-byte aligned (row bytes are a multiple of 16): wide loads and stores.
+        data = tl.multiple_of((local_base + data_off + slot0 * (4 * ROW_WORDS)).to(tl.pointer_type(tl.int32)), 16)
         header = (local_base + header_off).to(tl.pointer_type(tl.int32)) + slot0 * 2
         scales = (local_base + scales_off).to(tl.pointer_type(tl.int32)) + slot0 * G
         words = out_data.to(tl.pointer_type(tl.int32), bitcast=True) + out_row0 * ROW_WORDS
-        c = tl.arange(0, CHUNK)
-        for j in range(n):
-            for start in range(0, ROW_WORDS, CHUNK):
-                inside = start + c < ROW_WORDS
-                v = tl.load(data + j * ROW_WORDS + start + c, mask=inside, cache_modifier=".cg")
-                tl.store(words + j * ROW_WORDS + start + c, v, mask=inside)
+        r = tl.arange(0, TILE_ROWS)
+        w = c * TILE_WORDS + tl.arange(0, TILE_WORDS)
+        for j0 in range(0, n, TILE_ROWS):
+            j = j0 + r
+            got = j < n
+            inside = got[:, None] & (w < ROW_WORDS)[None, :]
+            offs = j[:, None] * ROW_WORDS + w[None, :]
+            tl.store(words + offs, tl.load(data + offs, mask=inside, cache_modifier=".cg"), mask=inside)
             if USE_FP8:
+                scaled = got & (c == 0)  # one program of the row copies its scales
                 if USE_UE8M0:
                     W: tl.constexpr = G // 4
-                    w = tl.arange(0, BLOCK_G // 4)
-                    bits = tl.load(scales + j * G + w[:, None] * 4 + tl.arange(0, 4)[None, :], mask=(w < W)[:, None],
-                                   other=0, cache_modifier=".cg")
-                    packed = tl.sum(((bits >> 23) & 0xFF) << (tl.arange(0, 4)[None, :] * 8), axis=1)
-                    tl.store(out_scales + le.to(tl.int64) * W * RT + w * RT + begin + j, packed, mask=w < W)
+                    q = tl.arange(0, BLOCK_G // 4)
+                    b = tl.arange(0, 4)
+                    bits = tl.load(scales + j[:, None, None] * G + q[None, :, None] * 4 + b[None, None, :],
+                                   mask=scaled[:, None, None] & (q < W)[None, :, None], other=0, cache_modifier=".cg")
+                    packed = tl.sum(((bits >> 23) & 0xFF) << (b[None, None, :] * 8), axis=2)
+                    tl.store(out_scales + le.to(tl.int64) * W * RT + q[None, :] * RT + begin + j[:, None], packed,
+                             mask=scaled[:, None] & (q < W)[None, :])
                 else:
                     g = tl.arange(0, BLOCK_G)
-                    f = tl.load((scales + j * G + g).to(tl.pointer_type(tl.float32)), mask=g < G,
-                                cache_modifier=".cg")
-                    tl.store(out_scales + le.to(tl.int64) * G * RT + g * RT + begin + j, f, mask=g < G)
-        r = tl.arange(0, BLOCK_ROWS)
-        got = r < n
-        hdr = tl.load(header + r[:, None] * 2 + tl.arange(0, 2)[None, :], mask=got[:, None], other=0,
-                      cache_modifier=".cg")
-        tok = tl.sum(tl.where(tl.arange(0, 2)[None, :] == 0, hdr, 0), axis=1)
-        k = tl.sum(tl.where(tl.arange(0, 2)[None, :] == 1, hdr, 0), axis=1)
-        tl.store(src_info + out_row0 + r, tok, mask=got)
-        tl.store(src_rank + out_row0 + r, tl.zeros_like(r).to(tl.int64) + s, mask=got)
-        tl.store(src_slot + out_row0 + r, k.to(tl.int64), mask=got)
-        tl.store(layout_range + le * NUM_RANKS + s, (begin.to(tl.int64) << 32) | n.to(tl.int64))
-        if s == NUM_RANKS - 1:
-            total = begin + n
-            tl.store(recv_count + le, total.to(tl.int32))
-            if HAS_STATS:
-                tl.store(stats + le, tl.load(stats + le) + total.to(tl.int32))
-            for start in range(0, RT, BLOCK_ROWS):
-                idx = start + r
-                unused = (idx >= total) & (idx < RT)
-                tl.store(src_info + le.to(tl.int64) * RT + idx, tl.full([BLOCK_ROWS], -1, tl.int32), mask=unused)
-                tl.store(src_rank + le.to(tl.int64) * RT + idx, tl.full([BLOCK_ROWS], -1, tl.int64), mask=unused)
-                tl.store(src_slot + le.to(tl.int64) * RT + idx, tl.full([BLOCK_ROWS], -1, tl.int64), mask=unused)
+                    f = tl.load((scales + j[:, None] * G + g[None, :]).to(tl.pointer_type(tl.float32)),
+                                mask=scaled[:, None] & (g < G)[None, :], cache_modifier=".cg")
+                    tl.store(out_scales + le.to(tl.int64) * G * RT + g[None, :] * RT + begin + j[:, None], f,
+                             mask=scaled[:, None] & (g < G)[None, :])
+        if c == 0:
+            slot = tl.arange(0, BLOCK_ROWS)
+            present = slot < n
+            hdr = tl.load(header + slot[:, None] * 2 + tl.arange(0, 2)[None, :], mask=present[:, None], other=0,
+                          cache_modifier=".cg")
+            tok = tl.sum(tl.where(tl.arange(0, 2)[None, :] == 0, hdr, 0), axis=1)
+            k = tl.sum(tl.where(tl.arange(0, 2)[None, :] == 1, hdr, 0), axis=1)
+            tl.store(src_info + out_row0 + slot, tok, mask=present)
+            tl.store(src_rank + out_row0 + slot, tl.zeros_like(slot).to(tl.int64) + s, mask=present)
+            tl.store(src_slot + out_row0 + slot, k.to(tl.int64), mask=present)
+            tl.store(layout_range + le * NUM_RANKS + s, (begin.to(tl.int64) << 32) | n.to(tl.int64))
+            if s == NUM_RANKS - 1:
+                total = begin + n
+                tl.store(recv_count + le, total.to(tl.int32))
+                if HAS_STATS:
+                    tl.store(stats + le, tl.load(stats + le) + total.to(tl.int32))
+                for start in range(0, RT, BLOCK_ROWS):
+                    idx = start + slot
+                    unused = (idx >= total) & (idx < RT)
+                    tl.store(src_info + le.to(tl.int64) * RT + idx, tl.full([BLOCK_ROWS], -1, tl.int32), mask=unused)
+                    tl.store(src_rank + le.to(tl.int64) * RT + idx, tl.full([BLOCK_ROWS], -1, tl.int64), mask=unused)
+                    tl.store(src_slot + le.to(tl.int64) * RT + idx, tl.full([BLOCK_ROWS], -1, tl.int64), mask=unused)
 
 
 def launch_dispatch_receive(ptrs: torch.Tensor, epochs: torch.Tensor, parity: int, half_base: int, call_params: int,
@@ -260,12 +330,13 @@ def launch_dispatch_receive(ptrs: torch.Tensor, epochs: torch.Tensor, parity: in
                             stats: torch.Tensor | None, use_fp8: bool, use_ue8m0: bool, interpret: bool) -> None:
     """Fills the receive outputs (shapes as in ``TorchLowLatency.dispatch``) from this rank's heap."""
     row_words = (hidden if use_fp8 else 2 * hidden) // 4
-    low_latency_dispatch_receive_kernel[(e_loc, num_ranks)](
+    tile_words = min(triton.next_power_of_2(row_words), 1024)  # one program per 1024 words of a row
+    low_latency_dispatch_receive_kernel[(e_loc, num_ranks, triton.cdiv(row_words, tile_words))](
         ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"], offsets["data"],
         offsets["header"], offsets["scales"], rank, max_wait, error_addr, op,
         out_data, out_scales if out_scales is not None else out_data, src_info, src_rank, src_slot, layout_range,
         recv_count, stats if stats is not None else recv_count,
         E_LOC=e_loc, NUM_RANKS=num_ranks, T=num_max_tokens, H=hidden, BLOCK_R=triton.next_power_of_2(num_ranks),
-        BLOCK_ROWS=triton.next_power_of_2(num_max_tokens), BLOCK_G=triton.next_power_of_2(max(hidden // 128, 4)),
-        CHUNK=min(triton.next_power_of_2(row_words), 1024),
-        USE_FP8=use_fp8, USE_UE8M0=use_ue8m0, HAS_STATS=stats is not None, INTERPRET=interpret, num_warps=4)
+        BLOCK_ROWS=triton.next_power_of_2(num_max_tokens), TILE_ROWS=max(1, TILE // tile_words),
+        TILE_WORDS=tile_words, BLOCK_G=triton.next_power_of_2(max(hidden // 128, 4)), USE_FP8=use_fp8,
+        USE_UE8M0=use_ue8m0, HAS_STATS=stats is not None, INTERPRET=interpret, num_warps=4)

@@ -45,6 +45,12 @@ def signal(flag_ptr, value):
 
 
 @triton.jit
+def signal_where(flag_ptrs, values, mask):
+    """:func:`signal` for a block of flags, each lane under ``mask``."""
+    tl.atomic_xchg(flag_ptrs, values, mask=mask, sem="release", scope="sys")
+
+
+@triton.jit
 def poll(flag_ptr):
     """Reads a flag with acquire ordering and without writing (a compare-and-swap that never matches,
     flags being >= 0), so a concurrent writer's update is never lost."""
@@ -82,8 +88,10 @@ def wait_geq(flag_ptr, target, max_wait, error_ptr, op, rank, peer, INTERPRET: t
 
 
 @triton.jit
-def wait_all_geq(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, INTERPRET: tl.constexpr):
-    """Vector form of :func:`wait_geq`: spins until every flag under ``mask`` is ``>= target``.
+def wait_all(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, INTERPRET: tl.constexpr):
+    """Vector form of :func:`wait_geq`: spins until every flag under ``mask`` is ``>= target``;
+    returns the flags' last values (``target`` where masked off), so that a caller that needs them
+    does not read the flags again.
 
     ``flag_ptrs`` must be valid addresses in every lane (masked-off lanes are polled but ignored);
     ``peers`` (same shape) names the rank that sets each flag, for the error record. One poll of a
@@ -101,14 +109,20 @@ def wait_all_geq(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, 
             waited += 1
         else:
             waited = tl.extra.cuda.globaltimer() - start
-    arrived = tl.min(values, axis=0) >= target
-    if not arrived:
+    if tl.min(values, axis=0) < target:
         late = tl.min(tl.where(values < target, peers, 1 << 30), axis=0)
         tl.atomic_xchg(error_ptr + 1, op)
         tl.atomic_xchg(error_ptr + 2, rank)
         tl.atomic_xchg(error_ptr + 3, late)
         tl.atomic_xchg(error_ptr, 1)
-    return arrived
+    return values
+
+
+@triton.jit
+def wait_all_geq(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, INTERPRET: tl.constexpr):
+    """:func:`wait_all` that returns whether every flag arrived."""
+    values = wait_all(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, INTERPRET)
+    return tl.min(values, axis=0) >= target
 
 
 @triton.jit
