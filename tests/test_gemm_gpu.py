@@ -84,6 +84,29 @@ def test_every_candidate_tile_config(fp8):
             reference.check(out, ref, fp8)
 
 
+@pytest.mark.parametrize("n,k", V3_NK + [(512, 1152)])  # 56, 16 and 9 (odd) K blocks
+def test_k_loop_pair(n, k):
+    """The FP8 "pair" K loop in every layout, against the reference (the candidates test above runs
+    every pair candidate, contiguous only)."""
+    torch.manual_seed(n + k)
+    cfg = config.TileConfig(128, 128, 128, num_warps=8, num_stages=3, k_loop="pair")
+    idx = contiguous_m_indices(_ragged_counts(4, n), DEV)
+    a, b = inputs.activations((idx.numel(), k), True, DEV), inputs.weights((4, n, k), True, DEV)
+    out = torch.full((idx.numel(), n), NAN, dtype=torch.bfloat16, device=DEV)
+    kernel.launch(kernel.CONTIGUOUS, a[0], b[0], out, cfg, sa=a[1], sb=b[1], m_indices=idx)
+    reference.check(out, reference.contiguous_reference(a, b, idx), True)
+    g, m_max = 4, 320
+    am = inputs.activations((g, m_max, k), True, DEV)
+    masked_m = torch.tensor([m_max, 0, 1, 200], dtype=torch.int32, device=DEV)
+    out = torch.full((g, m_max, n), NAN, dtype=torch.bfloat16, device=DEV)
+    kernel.launch(kernel.MASKED, am[0], b[0], out, cfg, sa=am[1], sb=b[1], masked_m=masked_m)
+    reference.check(out, reference.masked_reference(am, b, masked_m), True)
+    x = inputs.activations((300, k), True, DEV)
+    out = torch.full((300, n), NAN, dtype=torch.bfloat16, device=DEV)
+    kernel.launch(kernel.DENSE, x[0], b[0][:1], out, cfg, sa=x[1], sb=b[1][:1])
+    reference.check(out, reference.dense_reference(x, (b[0][0], b[1][0])), True)
+
+
 def test_masked_in_a_cuda_graph():
     torch.manual_seed(12)
     g, m_max, n, k = 4, 256, 4096, 7168

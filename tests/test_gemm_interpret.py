@@ -5,6 +5,8 @@ tests/conftest.py sets TRITON_INTERPRET=1 for CPU runs before any kernel module 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -86,6 +88,56 @@ def test_every_candidate_tile_config(fp8):
             out.fill_(NAN)
             kernel.launch(kernel.CONTIGUOUS, a_data, b_data, out, cfg, sa=sa, sb=sb, m_indices=idx)
             reference.check(out, ref, fp8)
+
+
+# The FP8 "pair" K loop: 1, 2 and 3 K blocks (odd counts pad with a zero block past K), one tile
+# at most 128 wide (one b scale per tile) and one 256 wide (a b scale per column).
+PAIR_CONFIGS = [config.TileConfig(128, 128, 128, num_warps=8, num_stages=3, k_loop="pair"),
+                config.TileConfig(64, 256, 128, num_warps=4, num_stages=2, k_loop="pair", ctas_per_sm=2)]
+
+
+@pytest.mark.parametrize("cfg,k", [(PAIR_CONFIGS[0], 128), (PAIR_CONFIGS[0], 256), (PAIR_CONFIGS[0], 384),
+                                   (PAIR_CONFIGS[1], 384)], ids=lambda x: getattr(x, "name", x))
+def test_k_loop_pair(cfg, k):
+    """Same sums as the serial loop, in the same order: equal to it bit for bit here (the
+    interpreter does not fuse multiply-adds), and within the tolerances of the reference."""
+    torch.manual_seed(k)
+    serial = dataclasses.replace(cfg, k_loop="serial", ctas_per_sm=1)
+    n = 320
+    a, b, out, idx = _contiguous_case(True, [70, 0, 200], n=n, k=k)
+    masked_m = torch.tensor([150, 0, 77], dtype=torch.int32)
+    am = inputs.activations((3, 150, k), True, "cpu")
+    cases = [(kernel.CONTIGUOUS, a, b, out, {"m_indices": idx}, reference.contiguous_reference(a, b, idx)),
+             (kernel.MASKED, am, b, torch.full((3, 150, n), NAN, dtype=torch.bfloat16), {"masked_m": masked_m},
+              reference.masked_reference(am, b, masked_m))]
+    x, w = inputs.activations((70, k), True, "cpu"), inputs.weights((1, n, k), True, "cpu")
+    cases.append((kernel.DENSE, x, w, torch.full((70, n), NAN, dtype=torch.bfloat16), {},
+                  reference.dense_reference(x, (w[0][0], w[1][0]))))
+    for layout, a_, b_, out_, index, ref in cases:
+        got = []
+        for c in (cfg, serial):
+            out_.fill_(NAN)
+            kernel.launch(layout, a_[0], b_[0], out_, c, sa=a_[1], sb=b_[1], **index)
+            reference.check(out_, ref, True)
+            got.append(out_.clone())
+        assert torch.equal(got[0].isnan(), got[1].isnan())
+        assert torch.equal(got[0].nan_to_num(), got[1].nan_to_num()), f"layout {layout}: pair != serial"
+
+
+def test_tile_config_names_and_checks():
+    for fp8 in (True, False):
+        for rows in (32, 4096):
+            names = [c.name for c in config.candidates(fp8, rows)]
+            assert len(set(names)) == len(names)
+    assert config.TileConfig(128, 128, 128, num_stages=3, k_loop="pair", ctas_per_sm=2).name == \
+        "128x128x128/w8s3/pair/x2"
+    assert config.TileConfig(128, 128, 128).name == "128x128x128/w8s4"
+    with pytest.raises(ValueError, match="k_loop"):
+        config.TileConfig(128, 128, 128, k_loop="pipelined")
+    with pytest.raises(ValueError, match="ctas_per_sm"):
+        config.TileConfig(128, 128, 128, ctas_per_sm=0)
+    narrow = config.select(True, 4096, 256, 1, 132)  # few tiles: BLOCK_N halved, the rest kept
+    assert narrow.block_n == 64 and narrow.k_loop == config.candidates(True, 4096)[0].k_loop
 
 
 def test_deep_gemm_names_with_packed_ue8m0_scales():

@@ -77,7 +77,7 @@ def _sweep(timer: _Timer, layout: int, fp8: bool, rows_hint: int, a, b, out, flo
     rate, config = best
     if config is None:
         return None, None
-    return rate, f"{config.block_m}x{config.block_n}x{config.block_k}/w{config.num_warps}s{config.num_stages}"
+    return rate, config.name
 
 
 def _cases(quick: bool):
@@ -129,7 +129,7 @@ def _measure(timer: _Timer, kind: str, g: int, m: int, n: int, k: int, sweep: bo
                 a, b.transpose(-2, -1), offs=offs, out_dtype=torch.bfloat16)), flops)
         if sweep:
             row[f"{key}_best"], row[f"{key}_cfg"] = _sweep(timer, layout, fp8, m, a, b, out, flops, **index)
-        del a, b, out
+        a = b = out = None  # free this dtype's operands before the next one
     return row
 
 

@@ -8,17 +8,29 @@ stages in shared memory at the same tile area.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Rows of each expert's block in the contiguous layout start at a multiple of this; every BLOCK_M
 # below divides it, so a row tile never holds rows of two experts.
 M_ALIGNMENT = 128
 
 
+K_LOOPS = ("serial", "pair")
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """One launch configuration: output tile BLOCK_M x BLOCK_N, K step BLOCK_K, L2 swizzle width
-    GROUP_M (row tiles walked together so that they share weight tiles), warps and pipeline depth."""
+    GROUP_M (row tiles walked together so that they share weight tiles), warps and pipeline depth.
+
+    ``k_loop`` (FP8 only; bf16 accumulates inside the MMA) is how each 128-deep K block's partial
+    product is promoted into the fp32 total with its scales: ``"serial"`` waits for the block's MMA,
+    then scales and adds, with the tensor cores idle meanwhile; ``"pair"`` walks K two blocks per
+    iteration and promotes the even block while the tensor cores compute the odd one (one more
+    fp32 tile in registers; see kernel._fp8_k_loop_pair). A pair config's ``num_stages`` counts
+    iterations of two blocks, so each stage holds twice the shared memory. ``ctas_per_sm``:
+    persistent programs launched per SM; 2 lets one program's MMAs run while the other promotes,
+    and pays off only when two fit on an SM (registers x threads, shared memory)."""
 
     block_m: int
     block_n: int
@@ -26,15 +38,42 @@ class TileConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    k_loop: str = "serial"
+    ctas_per_sm: int = 1
+
+    def __post_init__(self):
+        if self.k_loop not in K_LOOPS:
+            raise ValueError(f"k_loop: expected one of {K_LOOPS}, got {self.k_loop!r}")
+        if self.ctas_per_sm < 1:
+            raise ValueError(f"ctas_per_sm: expected a positive int, got {self.ctas_per_sm}")
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``128x128x128/w8s4`` or ``128x128x128/w8s2/pair/x2``."""
+        label = f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}s{self.num_stages}"
+        if self.k_loop != "serial":
+            label += f"/{self.k_loop}"
+        if self.ctas_per_sm != 1:
+            label += f"/x{self.ctas_per_sm}"
+        return label
 
 
-# (FP8, at most 64 rows per expert) -> candidates, best first.
+# (FP8, at most 64 rows per expert) -> candidates, best first. The "pair" and two-per-SM FP8
+# candidates (after the timed ones) fit sm_90a without spills or serialised MMAs: 128 x 128 pair
+# takes 255 registers per thread and 192 KiB (3 stages) or 128 KiB (2 stages) of shared memory;
+# 64 x 128 serial with 4 warps takes 212 registers and 96 KiB, so two programs fit on one SM;
+# 64 x 128 pair with 4 warps takes 255 registers (16 bytes spilled), two fit at 2 stages.
 _CANDIDATES = {
     (True, True): [TileConfig(64, 128, 128, num_warps=4, num_stages=5),
-                   TileConfig(64, 64, 128, num_warps=4, num_stages=6)],
+                   TileConfig(64, 64, 128, num_warps=4, num_stages=6),
+                   TileConfig(64, 128, 128, num_warps=4, num_stages=3, k_loop="pair")],
     (True, False): [TileConfig(128, 128, 128, num_warps=8, num_stages=4),
                     TileConfig(128, 256, 128, num_warps=8, num_stages=3),
-                    TileConfig(64, 128, 128, num_warps=4, num_stages=5)],
+                    TileConfig(64, 128, 128, num_warps=4, num_stages=5),
+                    TileConfig(128, 128, 128, num_warps=8, num_stages=3, k_loop="pair"),
+                    TileConfig(128, 128, 128, num_warps=8, num_stages=2, k_loop="pair"),
+                    TileConfig(64, 128, 128, num_warps=4, num_stages=4, ctas_per_sm=2),
+                    TileConfig(64, 128, 128, num_warps=4, num_stages=2, k_loop="pair", ctas_per_sm=2)],
     (False, True): [TileConfig(64, 128, 64, num_warps=4, num_stages=4),
                     TileConfig(64, 64, 64, num_warps=4, num_stages=6)],
     (False, False): [TileConfig(128, 256, 64, num_warps=8, num_stages=3),
@@ -58,6 +97,5 @@ def select(fp8: bool, rows_hint: int, n: int, num_tiles_m: int, num_programs: in
     config = candidates(fp8, rows_hint)[0]
     tiles = num_tiles_m * -(-n // config.block_n)
     if 2 * tiles <= num_programs and config.block_n > 64:
-        return TileConfig(config.block_m, config.block_n // 2, config.block_k, config.group_m, config.num_warps,
-                          config.num_stages + 1)
+        return replace(config, block_n=config.block_n // 2, num_stages=config.num_stages + 1)
     return config

@@ -20,12 +20,86 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moekit.gemm.config import TileConfig
+from moekit.gemm.config import K_LOOPS, TileConfig
 
 DENSE, CONTIGUOUS, MASKED = 0, 1, 2
+# FP8 K loops by TileConfig.k_loop name: "serial" (in the kernel), "pair" (_fp8_k_loop_pair).
+K_LOOP_IDS = {name: i for i, name in enumerate(K_LOOPS)}
 # The same values as compile-time constants, the only globals a kernel may read.
 _CONTIGUOUS, _MASKED = tl.constexpr(CONTIGUOUS), tl.constexpr(MASKED)
+_PAIR = tl.constexpr(K_LOOP_IDS["pair"])
 _SCALE_GROUP = tl.constexpr(128)
+
+
+@triton.jit
+def _block_scales(sa_ptrs, sb_ptrs, kb, k_tiles, stride_sak, stride_sbk, row_ok, col_ok, BLOCK_N: tl.constexpr):
+    """Scales of K block ``kb`` (0 past the last block): per row of a, and per column of b (one
+    scalar when the tile is at most 128 columns wide)."""
+    k_ok = kb < k_tiles
+    sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok & k_ok, other=0.0)
+    if BLOCK_N <= _SCALE_GROUP:
+        sb = tl.load(sb_ptrs + kb * stride_sbk, mask=k_ok, other=0.0)
+    else:
+        sb = tl.load(sb_ptrs + kb * stride_sbk, mask=col_ok & k_ok, other=0.0)
+    return sa, sb
+
+
+@triton.jit
+def _promote(acc, partial, sa, sb, BLOCK_N: tl.constexpr):
+    """``acc + partial * sa[m] * sb[n]``: one K block's fp32 dot added with its two scales."""
+    if BLOCK_N <= _SCALE_GROUP:
+        res = acc + partial * (sa * sb)[:, None]
+    else:
+        res = acc + partial * sa[:, None] * sb[None, :]
+    return res
+
+
+# FP8 K loop "pair": two K blocks per iteration, so that the promotion (scale and add) of the even
+# block runs while the tensor cores compute the odd one. Triton 3.6 on Hopper makes an MMA (wgmma)
+# wait right after it is issued when its result is read in the same iteration (the serial loop's
+# case), but leaves it in flight into the next iteration when its result is read there only after
+# such a wait; the wait also covers every MMA issued before it. Iteration j:
+#
+#   even = dot(block 2j)        issued, then waited for; odd_{j-1} has finished too
+#   acc += odd_{j-1} * scales   (the only promotion with no MMA in flight)
+#   odd  = dot(block 2j + 1)    issued and left in flight
+#   acc += even * scales        runs under odd's MMA
+#
+# Registers hold 3 fp32 tiles (acc, even, odd), 192 per thread at 128 x 128 with 8 warps.
+# Two details keep the compiled code as drawn (`python -m moekit.gemm.compiled` shows it for sm_90a
+# on any machine; tests/test_gemm_compile.py checks it): the odd_{j-1} promotion sits in
+# its own branch (j > 0), which keeps LLVM from moving it below the odd MMA (odd_{j-1} would then
+# live beside odd_j, forcing register copies of an in-flight accumulator, and ptxas serialises
+# every MMA of the kernel), and the branch's other arm reads `even`, which keeps Triton's loop
+# scheduler from hoisting the branch above the even MMA (the odd MMA would then be waited for at
+# once). At j = 0 there is no odd_{-1} and acc is still zero: that arm sets acc = even * 0 = 0.
+# An odd number of K blocks is padded with one block past K: its TMA loads fill with zeros and
+# its scales load as 0, so it adds exactly 0. The blocks are added in the serial loop's order.
+@triton.jit
+def _fp8_k_loop_pair(a_desc, b_desc, sa_ptrs, sb_ptrs, a_row, b_row, k_tiles, stride_sak, stride_sbk,
+                     row_ok, col_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    odd = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sa_odd, sb_odd = _block_scales(sa_ptrs, sb_ptrs, k_tiles, k_tiles, stride_sak, stride_sbk, row_ok, col_ok,
+                                   BLOCK_N)
+    for j in range(tl.cdiv(k_tiles, 2)):
+        k0 = 2 * j
+        a = a_desc.load([a_row, k0 * BLOCK_K])
+        b = b_desc.load([b_row, k0 * BLOCK_K])
+        sa_even, sb_even = _block_scales(sa_ptrs, sb_ptrs, k0, k_tiles, stride_sak, stride_sbk, row_ok, col_ok,
+                                         BLOCK_N)
+        even = tl.dot(a, b.T)
+        if j > 0:
+            acc = _promote(acc, odd, sa_odd, sb_odd, BLOCK_N)
+        else:
+            acc = even * 0.0
+        a = a_desc.load([a_row, (k0 + 1) * BLOCK_K])
+        b = b_desc.load([b_row, (k0 + 1) * BLOCK_K])
+        sa_odd, sb_odd = _block_scales(sa_ptrs, sb_ptrs, k0 + 1, k_tiles, stride_sak, stride_sbk, row_ok, col_ok,
+                                       BLOCK_N)
+        odd = tl.dot(a, b.T)
+        acc = _promote(acc, even, sa_even, sb_even, BLOCK_N)
+    return _promote(acc, odd, sa_odd, sb_odd, BLOCK_N)
 
 
 # For each valid output row r of group g and column n:
@@ -43,7 +117,8 @@ def _grouped_gemm_kernel(
         stride_sag, stride_sam, stride_sak,
         stride_sbg, stride_sbn, stride_sbk,
         LAYOUT: tl.constexpr, FP8: tl.constexpr, UPCAST_BF16: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        K_LOOP: tl.constexpr):
     pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_tiles_m * num_tiles_n
@@ -91,21 +166,25 @@ def _grouped_gemm_kernel(
                 sb_ptrs = sb_ptr + gb * stride_sbg + (n0 // _SCALE_GROUP) * stride_sbn
             else:
                 sb_ptrs = sb_ptr + gb * stride_sbg + ((n0 + offs_n) // _SCALE_GROUP) * stride_sbn
-            for kb in range(k_tiles):
-                a = a_desc.load([a_row, kb * BLOCK_K])
-                b = b_desc.load([b_row, kb * BLOCK_K])
-                if FP8:
-                    sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
-                    if BLOCK_N <= _SCALE_GROUP:
-                        sb = tl.load(sb_ptrs + kb * stride_sbk)
-                        acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+            if FP8 and K_LOOP == _PAIR:
+                acc = _fp8_k_loop_pair(a_desc, b_desc, sa_ptrs, sb_ptrs, a_row, b_row, k_tiles, stride_sak,
+                                       stride_sbk, row_ok, n0 + offs_n < N, BLOCK_M, BLOCK_N, BLOCK_K)
+            else:
+                for kb in range(k_tiles):
+                    a = a_desc.load([a_row, kb * BLOCK_K])
+                    b = b_desc.load([b_row, kb * BLOCK_K])
+                    if FP8:
+                        sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
+                        if BLOCK_N <= _SCALE_GROUP:
+                            sb = tl.load(sb_ptrs + kb * stride_sbk)
+                            acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+                        else:
+                            sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n0 + offs_n < N, other=0.0)
+                            acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+                    elif UPCAST_BF16:
+                        acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
                     else:
-                        sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n0 + offs_n < N, other=0.0)
-                        acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
-                elif UPCAST_BF16:
-                    acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(a, b.T, acc)
+                        acc = tl.dot(a, b.T, acc)
             rows = (m0 + offs_m).to(tl.int64)
             cols = n0 + offs_n
             out_ptrs = out_ptr + ga.to(tl.int64) * stride_og + rows[:, None] * stride_om + cols[None, :] * stride_on
@@ -155,12 +234,13 @@ def launch(layout: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, con
         sa_strides = sb_strides = (0, 0, 0)
     index = m_indices if m_indices is not None else masked_m
     index = index if index is not None else torch.zeros(1, dtype=torch.int32, device=a.device)
-    programs = min(num_programs(a.device), tiles_m * triton.cdiv(n, config.block_n))
+    programs = min(num_programs(a.device) * config.ctas_per_sm, tiles_m * triton.cdiv(n, config.block_n))
     _grouped_gemm_kernel[(programs,)](
         a_desc, b_desc, out3, sa, sb, index, index,
         m, n, k, groups, tiles_m, programs,
         *out3.stride(), *sa_strides, *sb_strides,
         LAYOUT=layout, FP8=fp8, UPCAST_BF16=not fp8 and a.device.type != "cuda",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+        GROUP_M=config.group_m, K_LOOP=K_LOOP_IDS[config.k_loop] if fp8 else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out
