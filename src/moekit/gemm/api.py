@@ -81,10 +81,9 @@ def _checking(validate: bool, t: torch.Tensor) -> bool:
     return validate and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _config(fp8: bool, rows_hint: int, n: int, tiles_m_per_block: int, device: torch.device,
-            masked: bool = False) -> tiles.TileConfig:
+def _config(fp8: bool, rows_hint: int, n: int, tiles_m_per_block: int, device: torch.device) -> tiles.TileConfig:
     # Tile count with 128-row tiles; only used to decide whether narrower N tiles are needed.
-    return tiles.select(fp8, rows_hint, n, tiles_m_per_block, num_programs(device), masked)
+    return tiles.select(fp8, rows_hint, n, tiles_m_per_block, num_programs(device))
 
 
 def m_grouped_gemm_contiguous(a: Operand, b: Operand, out: torch.Tensor, m_indices: torch.Tensor, *,
@@ -150,7 +149,7 @@ def m_grouped_gemm_masked(a: Operand, b: Operand, out: torch.Tensor, masked_m: t
     if _checking(validate, masked_m) and g > 0 and bool(((masked_m < 0) | (masked_m > m_max)).any()):
         raise ValueError(f"masked_m: values must lie in [0, M_max = {m_max}], got {masked_m.tolist()}")
     rows_hint = min(max(expected_m, 1), m_max)
-    config = _config(sa is not None, rows_hint, n, g * -(-rows_hint // 128), a_data.device, masked=True)
+    config = _config(sa is not None, rows_hint, n, g * -(-rows_hint // 128), a_data.device)
     return launch(MASKED, a_data, b3, out, config, sa=sa, sb=sb, masked_m=masked_m)
 
 

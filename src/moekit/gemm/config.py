@@ -58,9 +58,11 @@ class TileConfig:
         return label
 
 
-# (FP8, at most 64 rows per expert) -> candidates, best first. Timed on an H200 (2026-11-22,
-# FP8, median of 30, L2 flushed): on contiguous 8x4096 / 4x8192 N 4096 K 7168 the "pair" loop at
-# 3 stages gave 972 / 931 TFLOP/s against 914 / 858 for the serial loop. The pair and two-per-SM
+# (FP8, at most 64 rows per expert) -> candidates, best first. Timed on an H200 (2026-11-22, FP8,
+# median of 30, L2 flushed, three interleaved rounds): the "pair" loop at 3 stages against the
+# serial loop gave 966-980 vs 868-872 TFLOP/s on dense 4096 x 4096 x 7168, 932-990 vs 819-917 on
+# contiguous 8x4096 N 4096 K 7168, 848 vs 745-748 on masked 4x256 N 4096 K 7168; two 64-row programs
+# per SM were best only on masked N 7168 K 2048, by 3-4%. The pair and two-per-SM
 # candidates fit sm_90a without spills or serialised MMAs: 128 x 128 pair takes 255 registers per
 # thread and 192 KiB (3 stages) or 128 KiB (2 stages) of shared memory; 64 x 128 serial with 4
 # warps takes 212 registers and 96 KiB, so two programs fit on one SM; 64 x 128 pair with 4 warps
@@ -82,10 +84,6 @@ _CANDIDATES = {
                      TileConfig(128, 128, 64, num_warps=8, num_stages=4),
                      TileConfig(128, 128, 64, num_warps=4, num_stages=4)],
 }
-# The masked layout (decoding: few rows per expert, often fewer than the tile) with FP8 and more
-# than 64 expected rows: two 64-row programs per SM gave 736 / 637 TFLOP/s on masked 4x256 N 4096
-# K 7168 / 2x512 N 7168 K 2048, against 524 / 287 for the 128 x 128 pair loop (same run).
-_MASKED_FP8 = TileConfig(64, 128, 128, num_warps=4, num_stages=4, ctas_per_sm=2)
 
 
 def candidates(fp8: bool, rows_hint: int) -> list[TileConfig]:
@@ -97,15 +95,12 @@ def candidates(fp8: bool, rows_hint: int) -> list[TileConfig]:
     return list(_CANDIDATES[(fp8, rows_hint <= 64)])
 
 
-def select(fp8: bool, rows_hint: int, n: int, num_tiles_m: int, num_programs: int,
-           masked: bool = False) -> TileConfig:
-    """The heuristic's configuration (``masked``: for the masked layout); halves BLOCK_N when the
-    output has too few tiles to give every SM one (small M), where more tiles matter more than the
-    reuse of wider ones. A halved serial tile gets one more pipeline stage in the shared memory it
-    frees; a pair tile keeps its stages (each holds two K blocks)."""
+def select(fp8: bool, rows_hint: int, n: int, num_tiles_m: int, num_programs: int) -> TileConfig:
+    """The heuristic's configuration; halves BLOCK_N when the output has too few tiles to give every
+    SM one (small M), where more tiles matter more than the reuse of wider ones. A halved serial
+    tile gets one more pipeline stage in the shared memory it frees; a pair tile keeps its stages
+    (each holds two K blocks)."""
     config = candidates(fp8, rows_hint)[0]
-    if masked and fp8 and rows_hint > 64:
-        return _MASKED_FP8
     tiles = num_tiles_m * -(-n // config.block_n)
     if 2 * tiles <= num_programs and config.block_n > 64:
         stages = config.num_stages + (config.k_loop == "serial")
