@@ -13,6 +13,7 @@ measured in the same run. ``--sweep`` also times every candidate tile configurat
 from __future__ import annotations
 
 import argparse
+import statistics
 from typing import Callable
 
 import torch
@@ -137,12 +138,26 @@ def _ratio(x: float | None, y: float | None) -> float | None:
     return x / y if x is not None and y else None
 
 
+def _median_row(rows: list[dict]) -> dict:
+    """One row from the same case measured in several rounds: the median of each number, the first
+    round's labels (a best tile config is the first round's)."""
+    merged = dict(rows[0])
+    for key, value in merged.items():
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if isinstance(value, float) and values:
+            merged[key] = statistics.median(values)
+    return merged
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m moekit bench gemm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three shapes (one per layout), fewer repeats")
     parser.add_argument("--sweep", action="store_true", help="also time every candidate tile configuration")
     parser.add_argument("--repeat", type=int, default=50, help="timed calls per measurement (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every shape this many times, one pass over all shapes after another, and "
+                             "report the medians (a GPU whose clock drifts during the run slows every shape alike)")
     add_output_args(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -158,15 +173,25 @@ def main(argv: list[str]) -> int:
     if args.sweep:
         columns.update({"fp8_best": "FP8 best cfg", "fp8_cfg": "FP8 cfg", "bf16_best": "bf16 best cfg",
                         "bf16_cfg": "bf16 cfg"})
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive int, got {args.rounds}")
     report = Report("moekit.gemm vs torch (TFLOP/s)", columns,
-                    settings={"quick": args.quick, "repeat": timer.repeat, "dense_fp8_peak_tflops": peak})
-    for case in tqdm(_cases(args.quick), desc="gemm shapes"):
-        row = _measure(timer, *case, sweep=args.sweep)
+                    settings={"quick": args.quick, "repeat": timer.repeat, "rounds": args.rounds,
+                              "dense_fp8_peak_tflops": peak})
+    cases = _cases(args.quick)
+    measured: list[list[dict]] = [[] for _ in cases]
+    with tqdm(total=args.rounds * len(cases), desc="gemm shapes") as progress:
+        for _ in range(args.rounds):
+            for i, case in enumerate(cases):
+                measured[i].append(_measure(timer, *case, sweep=args.sweep))
+                torch.cuda.empty_cache()
+                progress.update()
+    for rows in measured:
+        row = _median_row(rows)
         row["fp8_vs_torch"] = _ratio(row.get("fp8"), row.get("torch_fp8"))
         row["bf16_vs_torch"] = _ratio(row.get("bf16"), row.get("torch_bf16"))
         row["fp8_of_peak"] = _ratio(row.get("fp8"), peak)
         report.add(**row)
-        torch.cuda.empty_cache()
     peak_text = f"{peak:.0f}" if peak else "n/a"
     report.notes.append(f"dense FP8 peak (torch._scaled_mm per-tensor, 8192^3) in this run: {peak_text} TFLOP/s; "
                         f"device {torch.cuda.get_device_name()}")
