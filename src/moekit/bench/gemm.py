@@ -42,17 +42,39 @@ def _try(fn: Callable[[], object]) -> Callable[[], object] | None:
 
 
 class _Timer:
-    """Median device time of a call with L2 flushed before each repeat, as TFLOP/s."""
+    """Median device time of a call with L2 flushed before each repeat, as TFLOP/s.
 
-    def __init__(self, repeat: int):
+    With ``graphs`` each call is captured once in a CUDA graph and the graph is replayed, so the
+    time is the kernels' alone: a small GEMM launched eagerly can finish before Python has issued
+    the next one, and then the GPU waits for the host (a call that cannot be captured is timed
+    eagerly)."""
+
+    def __init__(self, repeat: int, graphs: bool = False):
         self.repeat = repeat
+        self.graphs = graphs
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
     def tflops(self, fn: Callable[[], object] | None, flops: float) -> float | None:
         if fn is None:
             return None
+        if self.graphs:
+            fn = _as_graph(fn)
         us = median_us(fn, warmup=5, repeat=self.repeat, setup=self.flush.zero_)
         return flops / us / 1e6
+
+
+def _as_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph (after one eager call), or ``fn`` itself if it cannot be captured."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return fn
+    return graph.replay
 
 
 def _dense_fp8_peak(timer: _Timer) -> float | None:
@@ -155,6 +177,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="three shapes (one per layout), fewer repeats")
     parser.add_argument("--sweep", action="store_true", help="also time every candidate tile configuration")
     parser.add_argument("--repeat", type=int, default=50, help="timed calls per measurement (median)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="time CUDA-graph replays of each call (the kernels alone, without Python's launch cost)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every shape this many times, one pass over all shapes after another, and "
                              "report the medians (a GPU whose clock drifts during the run slows every shape alike)")
@@ -164,7 +188,7 @@ def main(argv: list[str]) -> int:
         print("bench gemm needs a CUDA GPU (Hopper for the FP8 rows)")
         return 1
     torch.manual_seed(0)
-    timer = _Timer(10 if args.quick else args.repeat)
+    timer = _Timer(10 if args.quick else args.repeat, graphs=args.graphs)
     peak = _dense_fp8_peak(timer)
     columns = {"layout": "layout", "groups": "G", "m": "rows/G", "n": "N", "k": "K",
                "fp8": "FP8 TFLOP/s", "torch_fp8": "torch FP8 row-wise", "fp8_vs_torch": "FP8 / torch",
@@ -176,7 +200,7 @@ def main(argv: list[str]) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds: expected a positive int, got {args.rounds}")
     report = Report("moekit.gemm vs torch (TFLOP/s)", columns,
-                    settings={"quick": args.quick, "repeat": timer.repeat, "rounds": args.rounds,
+                    settings={"quick": args.quick, "repeat": timer.repeat, "rounds": args.rounds, "graphs": args.graphs,
                               "dense_fp8_peak_tflops": peak})
     cases = _cases(args.quick)
     measured: list[list[dict]] = [[] for _ in cases]
