@@ -143,13 +143,16 @@ class ErrorRecord:
     def __init__(self, device: torch.device) -> None:
         self.words = torch.zeros(ERROR_WORDS, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.address = self.words.data_ptr()
+        # A NumPy view of the same memory: every EP call reads it, and indexing it costs far less
+        # than indexing the tensor.
+        self._host = self.words.numpy()
 
     def check(self, timeout_s: float) -> None:
         """Raises ``TimeoutError`` naming the op, rank and peer if a wait gave up, or ``ValueError``
         naming both ranks if a peer's call disagreed with this rank's (and clears the record)."""
-        kind = int(self.words[0])
+        kind = int(self._host[0])
         if kind:
-            op, rank, peer = (int(w) for w in self.words[1:])
+            op, rank, peer = (int(w) for w in self._host[1:])
             self.words.zero_()
             name = OPS[op] if 0 <= op < len(OPS) else f"op {op}"
             if kind == MISMATCH:
