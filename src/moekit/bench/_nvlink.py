@@ -101,7 +101,7 @@ def _add_vdev(report: Report, args, formats: tuple[str, ...]) -> None:
 
     widths = [row_bytes(f, args.hidden) for f in formats]
     world = args.ranks or torch.cuda.device_count()
-    heap = _vdev.heap_bytes(max(args.tokens), args.topk, world, max(widths))
+    heap = _vdev.heap_bytes(max(args.tokens), world, max(widths))
     found = {(r["tokens"], r["row_bytes"]): r
              for r in run_sizes("all_to_all_vdev_2d", args.tokens, _vdev.measure, args.hidden, args.topk,
                                 args.experts, widths, ranks=args.ranks,
@@ -133,7 +133,7 @@ def sweep_main(argv: list[str], name: str, description: str, title: str, columns
         _add_vdev(report, args, formats)
     report.notes.append("peer copy-engine bandwidth, every GPU pushing to the next: "
                         f"{report.rows[0]['peer_gbps']:.0f} GB/s")
-    report.notes.append("vdev_2d: torch's all_to_all_vdev_2d moving one row per (token, expert) pair, grouped "
-                        "by expert, on the same routing")
+    report.notes.append("vdev_2d: torch's all_to_all_vdev_2d (NVSHMEM) moving the same rows as NCCL, one split "
+                        "per rank")
     report.finish(args, x="tokens", series=series, group=group, ylabel="us")
     return 0

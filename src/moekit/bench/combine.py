@@ -1,8 +1,8 @@
 """``python -m moekit bench combine``: high-throughput combine (bf16) on the GPUs of one host against NCCL.
 
 The rows a dispatch delivered go back and are summed per token; NCCL ``all_to_all_single`` moves the
-same rows back (no reduction counted against it), torch's ``all_to_all_vdev_2d`` moves one row per
-(token, expert) pair on the same routing (where it runs); moekit's torch backend does the same combine.
+same rows back (no reduction counted against it), and so does torch's ``all_to_all_vdev_2d`` (where it
+runs); moekit's torch backend does the same combine.
 """
 
 from __future__ import annotations

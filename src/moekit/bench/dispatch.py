@@ -2,9 +2,9 @@
 
 Times moekit's triton backend (with the handle reused, as DeepEP's test times it, and without),
 NCCL ``all_to_all_single`` moving the same remote bytes (rows already grouped by destination),
-torch's ``all_to_all_vdev_2d`` on the same routing (where it runs) and moekit's torch backend, for
-bf16 and FP8 rows; reports GB/s as DeepEP counts them (every received
-byte) and as bytes that crossed NVLink, against the copy engine's peer bandwidth in the same run.
+torch's ``all_to_all_vdev_2d`` moving the same rows (where it runs) and moekit's torch backend, for
+bf16 and FP8 rows; reports GB/s as DeepEP counts them (every received byte) and as bytes that
+crossed NVLink, against the copy engine's peer bandwidth in the same run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from moekit.bench.timing import median_us
 
 COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
            "gbps_deepep": "GB/s DeepEP", "gbps_nvlink": "GB/s NVLink", "nccl_us": "NCCL us",
-           "vs_nccl": "x NCCL", "vdev_us": "vdev_2d us", "vs_vdev": "x vdev_2d", "torch_us": "torch-backend us", "peer_fraction": "of peer BW", "sms": "SMs"}
+           "vs_nccl": "x NCCL", "vdev_us": "vdev_2d us", "vs_vdev": "x vdev_2d", "torch_us": "torch-backend us",
+           "peer_fraction": "of peer BW", "sms": "SMs"}
 
 
 def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
