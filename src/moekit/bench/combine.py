@@ -7,12 +7,12 @@ runs); moekit's torch backend does the same combine.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, sweep_main
 from moekit.bench.dispatch import COLUMNS
 from moekit.bench.timing import median_us
+from moekit.ep.torch_backend import count_matrix_from_prefix
 
 
 def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
@@ -32,8 +32,7 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
     peer_gbps = peer_copy_bandwidth_gbps(256 << 20)
     us = median_us(lambda: fast.combine(d.recv_x, d.handle), setup=dist.barrier)
     torch_us = median_us(lambda: ref.combine(d_ref.recv_x, d_ref.handle), warmup=2, repeat=5, setup=dist.barrier)
-    prefix = d.handle.rank_prefix_matrix.to(torch.int64)
-    counts = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
+    counts = count_matrix_from_prefix(d.handle.rank_prefix_matrix)
     back, home = counts[:, rank].tolist(), counts[rank].tolist()
     row_bytes = hidden * 2
     nccl_us = nccl_all_to_all_us(back, home, row_bytes)

@@ -9,11 +9,11 @@ crossed NVLink, against the copy engine's peer bandwidth in the same run.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, row_bytes, sweep_main
 from moekit.bench.timing import median_us
+from moekit.ep.torch_backend import count_matrix_from_prefix
 
 COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
            "gbps_deepep": "GB/s DeepEP", "gbps_nvlink": "GB/s NVLink", "nccl_us": "NCCL us",
@@ -44,8 +44,7 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
         us = median_us(lambda: fast.dispatch(data, **args), setup=dist.barrier)
         torch_us = median_us(lambda: ref.dispatch(data, **args), warmup=2, repeat=5, setup=dist.barrier)
         width = row_bytes(fmt, hidden)
-        prefix = d.handle.rank_prefix_matrix.to(torch.int64)
-        counts = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
+        counts = count_matrix_from_prefix(d.handle.rank_prefix_matrix)
         send, recv = counts[rank].tolist(), counts[:, rank].tolist()
         nccl_us = nccl_all_to_all_us(send, recv, width)
         remote = sum(recv) - recv[rank]

@@ -77,12 +77,12 @@ class CommStream:
         if self.stream is None:
             yield work
             return
-        compute = torch.cuda.current_stream(self.device)
         waits_for_event = previous_event is not None and previous_event.event is not None
         if not (waits_for_event or async_finish or allocate_on_comm_stream):
             yield work
             work.event = capture_event()
             return
+        compute = torch.cuda.current_stream(self.device)
         if waits_for_event:
             self.stream.wait_event(previous_event.event)
         else:

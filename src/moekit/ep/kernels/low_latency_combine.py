@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ep.kernels.low_latency_dispatch import wait_call
+from moekit.ep.kernels.low_latency_dispatch import TILE, wait_call
 from moekit.ep.kernels.sync import error_pointer, peer_pointer, signal
 
 
@@ -81,10 +81,6 @@ def launch_combine_send(x: torch.Tensor, src_info: torch.Tensor, src_slot: torch
         x, src_info, src_slot, layout_range, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"],
         offsets["flags"], offsets["recv"], rank, NUM_RANKS=num_ranks, T=num_max_tokens, K=num_topk, H=hidden,
         CHUNKS=chunks, SPAN=span, BLOCK=block, TILE_ROWS=max(1, TILE // block), num_warps=4)
-
-
-# Words of one step of the send's copy (rows x words).
-TILE = 4096
 
 
 def combine_send_chunks(num_max_tokens: int, words: int) -> int:

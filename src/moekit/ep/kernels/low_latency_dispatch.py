@@ -196,7 +196,7 @@ def low_latency_dispatch_send_kernel(
 
 
 # Elements of one step of the send's scan of the top-k ids (tokens x K x experts compared), and
-# words of one step of the receive's copy (rows x words).
+# words of one step of the receive's and the combine send's copies (rows x words).
 SCAN_BLOCK = 8192
 TILE = 4096
 
