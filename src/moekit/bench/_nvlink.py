@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.bench.report import Report, add_output_args
-from moekit.bench.timing import median_us
+from moekit.bench.timing import back_to_back_us, median_us
 
 
 def add_size_args(parser) -> None:
@@ -49,9 +49,10 @@ def peer_copy_bandwidth_gbps(nbytes: int) -> float:
 
 
 def nccl_all_to_all_us(send_rows: list[int], recv_rows: list[int], row_bytes: int) -> float:
-    """Median microseconds of NCCL ``all_to_all_single`` moving rows of ``row_bytes`` already grouped
-    by destination (``send_rows[r]`` to rank r, ``recv_rows[r]`` from it): the baseline a dispatch or
-    combine is compared with; no permutation is counted against it."""
+    """Microseconds per call (back to back, see ``back_to_back_us``) of NCCL ``all_to_all_single``
+    moving rows of ``row_bytes`` already grouped by destination (``send_rows[r]`` to rank r,
+    ``recv_rows[r]`` from it): the baseline a dispatch or combine is compared with; no permutation is
+    counted against it."""
     device = torch.device("cuda", torch.cuda.current_device())
     send = torch.empty(sum(send_rows), row_bytes, dtype=torch.uint8, device=device).random_(0, 255)
     recv = torch.empty(sum(recv_rows), row_bytes, dtype=torch.uint8, device=device)
@@ -59,7 +60,7 @@ def nccl_all_to_all_us(send_rows: list[int], recv_rows: list[int], row_bytes: in
     def exchange():
         dist.all_to_all_single(recv, send, recv_rows, send_rows)
 
-    return median_us(exchange, warmup=3, repeat=10, setup=dist.barrier)
+    return back_to_back_us(exchange, before=dist.barrier)
 
 
 def random_routing(num_tokens: int, hidden: int, topk: int, num_experts: int, seed: int):

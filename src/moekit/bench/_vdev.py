@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.bench._nvlink import random_routing
-from moekit.bench.timing import median_us
+from moekit.bench.timing import back_to_back_us
 
 
 def heap_bytes(max_tokens: int, world: int, row_bytes: int) -> int:
@@ -21,7 +21,7 @@ def heap_bytes(max_tokens: int, world: int, row_bytes: int) -> int:
 
 
 def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, row_bytes_list: list[int]) -> list[dict]:
-    """On each rank: median microseconds of ``all_to_all_vdev_2d`` for rows of each width in
+    """On each rank: microseconds per call (back to back) of ``all_to_all_vdev_2d`` for rows of each width in
     ``row_bytes_list`` on the benchmarks' routing, or the reason it cannot run."""
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -46,7 +46,7 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, row_bytes
             def exchange(inp=inp, out=out):
                 torch.ops.symm_mem.all_to_all_vdev_2d(inp, out, splits, splits_offsets, group_name)
 
-            us = median_us(exchange, warmup=3, repeat=10, setup=dist.barrier)
+            us = back_to_back_us(exchange, before=dist.barrier)
             rows.append({"tokens": num_tokens, "row_bytes": row_bytes, "vdev_us": us})
             del inp, out
     except Exception as exc:  # noqa: BLE001 - a baseline that does not run here is reported, not fatal

@@ -5,6 +5,10 @@ NCCL ``all_to_all_single`` moving the same remote bytes (rows already grouped by
 torch's ``all_to_all_vdev_2d`` moving the same rows (where it runs) and moekit's torch backend, for
 bf16 and FP8 rows; reports GB/s as DeepEP counts them (every received byte) and as bytes that
 crossed NVLink, against the copy engine's peer bandwidth in the same run.
+
+Calls are timed back to back, each between two CUDA events, as DeepEP's tests time them (NCCL and
+``all_to_all_vdev_2d`` alike), so the host prepares a call while the device runs the one before;
+"alone" is the cached call issued by itself after a barrier, which adds the host's own time to it.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, row_bytes, sweep_main
-from moekit.bench.timing import median_us
+from moekit.bench.timing import back_to_back_us, median_us
 from moekit.ep.torch_backend import count_matrix_from_prefix
 
 COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
+           "us_alone": "alone us",
            "gbps_deepep": "GB/s DeepEP", "gbps_nvlink": "GB/s NVLink", "nccl_us": "NCCL us",
            "vs_nccl": "x NCCL", "vdev_us": "vdev_2d us", "vs_vdev": "x vdev_2d", "torch_us": "torch-backend us",
            "peer_fraction": "of peer BW", "sms": "SMs"}
@@ -40,15 +45,16 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
         args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
                     topk_idx=idx, topk_weights=weights)
         d = fast.dispatch(data, **args)
-        us_cached = median_us(lambda: fast.dispatch(data, handle=d.handle), setup=dist.barrier)
-        us = median_us(lambda: fast.dispatch(data, **args), setup=dist.barrier)
+        us_cached = back_to_back_us(lambda: fast.dispatch(data, handle=d.handle), before=dist.barrier)
+        us = back_to_back_us(lambda: fast.dispatch(data, **args), before=dist.barrier)
+        us_alone = median_us(lambda: fast.dispatch(data, handle=d.handle), setup=dist.barrier)
         torch_us = median_us(lambda: ref.dispatch(data, **args), warmup=2, repeat=5, setup=dist.barrier)
         width = row_bytes(fmt, hidden)
         counts = count_matrix_from_prefix(d.handle.rank_prefix_matrix)
         send, recv = counts[rank].tolist(), counts[:, rank].tolist()
         nccl_us = nccl_all_to_all_us(send, recv, width)
         remote = sum(recv) - recv[rank]
-        rows.append(dict(tokens=num_tokens, format=fmt, us_cached=us_cached, us=us,
+        rows.append(dict(tokens=num_tokens, format=fmt, us_cached=us_cached, us=us, us_alone=us_alone,
                          gbps_deepep=sum(recv) * width / us_cached / 1e3,
                          gbps_nvlink=remote * width / us_cached / 1e3, nccl_us=nccl_us,
                          vs_nccl=nccl_us / us_cached, torch_us=torch_us,

@@ -37,3 +37,23 @@ def median_us(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30,
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
+
+
+def back_to_back_us(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30,
+                    before: Callable[[], object] | None = None) -> float:
+    """Median microseconds per call of ``repeat`` calls of ``fn()`` issued back to back, each bracketed
+    by CUDA events, as DeepEP's tests time their calls: the host queues calls ahead of the device, so
+    a call's launch cost is hidden unless the host is the slower of the two. ``before`` runs once
+    before the timed calls (e.g. a barrier that lines the ranks up)."""
+    for _ in range(warmup):
+        fn()
+    if before is not None:
+        before()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))

@@ -213,7 +213,9 @@ class Buffer:
             v.check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, self.device)
             num_experts = v.check_num_experts(num_tokens_per_expert.shape[0], self.group_size)
             if topk_idx is not None:
-                v.check_topk_idx(topk_idx, num_experts, self.device, act.num_tokens)
+                # An engine that reads the device anyway checks the ids' range in that same read.
+                deferred = self._normal.reads_topk_range and not num_worst_tokens
+                v.check_topk_idx(topk_idx, num_experts, self.device, act.num_tokens, values=not deferred)
             if topk_weights is not None:
                 if topk_idx is None:
                     raise ValueError("topk_weights: needs topk_idx")
@@ -222,7 +224,8 @@ class Buffer:
             data, scales, recv_idx, recv_weights, per_expert, new_handle = self._normal.dispatch(
                 act, handle=handle, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
                 topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
-                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+                num_tokens_per_expert=num_tokens_per_expert)
             work.keep(data, scales, recv_idx, recv_weights, *(new_handle or ()))
         recv_x = (data, scales) if scales is not None else data
         return DispatchResult(recv_x, recv_idx, recv_weights, per_expert, new_handle, work.event)

@@ -63,7 +63,7 @@ class CommStream:
     caller free and hands back an event. Outputs made on the communication stream are recorded on the
     caller's stream unless ``allocate_on_comm_stream`` asks to leave their ownership there. A plain
     synchronous call (no previous event, no async finish, outputs owned by the caller) runs on the
-    caller's stream itself: the order is the same, without the stream switches and events.
+    caller's stream itself: the order is the same, without the stream switches, and its event is empty.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -79,8 +79,7 @@ class CommStream:
             return
         waits_for_event = previous_event is not None and previous_event.event is not None
         if not (waits_for_event or async_finish or allocate_on_comm_stream):
-            yield work
-            work.event = capture_event()
+            yield work  # the work is on the caller's stream already: no event to hand back (as DeepEP)
             return
         compute = torch.cuda.current_stream(self.device)
         if waits_for_event:

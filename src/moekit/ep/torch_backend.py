@@ -31,6 +31,9 @@ def sent_tokens(is_token_in_rank: torch.Tensor) -> torch.Tensor:
 class TorchDispatcher:
     """High-throughput dispatch / combine over ``group`` with collectives only."""
 
+    # Buffer checks the range of topk_idx itself (one device read) before calling dispatch.
+    reads_topk_range = False
+
     def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
@@ -47,8 +50,9 @@ class TorchDispatcher:
     def dispatch(self, x: CheckedActivation, *, handle: DispatchHandle | None,
                  num_tokens_per_rank: torch.Tensor | None, is_token_in_rank: torch.Tensor | None,
                  topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, num_experts: int | None,
-                 expert_alignment: int, num_worst_tokens: int):
-        """Returns (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)."""
+                 expert_alignment: int, num_worst_tokens: int, num_tokens_per_expert: torch.Tensor | None = None):
+        """Returns (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle);
+        the per-expert list is counted from the received rows (``num_tokens_per_expert`` is unused)."""
         if handle is not None:
             counts = count_matrix_from_prefix(handle.rank_prefix_matrix)
             is_token_in_rank = handle.is_token_in_rank

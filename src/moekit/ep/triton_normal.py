@@ -25,18 +25,21 @@ import torch
 import torch.distributed as dist
 
 from moekit.ep.heap import HeapLayout, SymmetricHeap, interpreting
-from moekit.ep.kernels.combine import combine_round
-from moekit.ep.kernels.dispatch import MAX_PROGRAMS, dispatch_round
+from moekit.ep.kernels import combine as combine_kernels, dispatch as dispatch_kernels
 from moekit.ep.kernels.notify import notify
 from moekit.ep.kernels.sync import ErrorRecord, wait_budget
 from moekit.ep.results import DispatchHandle
 from moekit.ep.torch_backend import TorchDispatcher
+from moekit.ep import validate as v
 from moekit.ep.validate import CheckedActivation
 
 # Heap bytes for rows when the Buffer asks for none (num_nvl_bytes=0, as low-latency-only users pass).
 _MIN_REGION_BYTES = 1 << 20
+# The most experts whose token counts ride along with the count exchange (the per-expert list then
+# needs no second read of the device); with more, the list is counted from the received rows.
+_MAX_COUNTED_EXPERTS = 1024
 # Programs per launch under the interpreter, which runs them one after another.
-_INTERPRETED_PROGRAMS = 2
+_INTERPRETED_PROGRAMS = 5
 
 
 def _aligned(n: int, align: int = 16) -> int:
@@ -71,6 +74,9 @@ class TritonDispatcher:
             region (rounds are chunked when it is small), ``timeout_s`` limits every wait.
     """
 
+    # A dispatch without a handle checks the range of topk_idx in its own device read (Buffer skips it).
+    reads_topk_range = True
+
     def __init__(self, group: dist.ProcessGroup, device: torch.device, settings) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
@@ -81,10 +87,10 @@ class TritonDispatcher:
         self.max_wait = wait_budget(self.timeout_s, self.interpret)
         r = self.num_ranks
         layout = HeapLayout()
-        self.table_off = layout.add("table", (r, r + 1), torch.int64)
+        self.table_off = layout.add("table", (r, r + 1 + _MAX_COUNTED_EXPERTS), torch.int64)
         self.notify_off = layout.add("notify", (r,), torch.int64)
-        self.ready_off = layout.add("ready", (r, MAX_PROGRAMS), torch.int64)
-        self.consumed_off = layout.add("consumed", (r, MAX_PROGRAMS), torch.int64)
+        self.flags = {name: layout.add(name, (r, dispatch_kernels.MAX_PROGRAMS), torch.int64)
+                      for name in ("progress", "start", "consumed")}
         self.region_bytes = settings.num_nvl_bytes or _MIN_REGION_BYTES
         self.region_off = layout.add("region", (self.region_bytes,), torch.uint8)
         self.heap = SymmetricHeap(group, layout.size, device)
@@ -98,11 +104,13 @@ class TritonDispatcher:
         self._padded: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------ helpers
-    def _programs(self) -> int:
+    def _programs(self, send_share: float) -> tuple[int, int]:
+        """(senders, receivers) of a launch: the SM budget, one program per SM, ``send_share`` sending."""
         from moekit.ep.buffer import Buffer
 
-        programs = min(Buffer.num_sms, MAX_PROGRAMS)
-        return min(programs, _INTERPRETED_PROGRAMS) if self.interpret else programs
+        programs = _INTERPRETED_PROGRAMS if self.interpret else Buffer.num_sms
+        senders, receivers = dispatch_kernels.split_programs(programs, send_share)
+        return min(senders, dispatch_kernels.MAX_PROGRAMS), min(receivers, dispatch_kernels.MAX_PROGRAMS)
 
     def _check(self) -> None:
         self.errors.check(self.timeout_s)
@@ -115,14 +123,20 @@ class TritonDispatcher:
         return capacity, {k: self.region_off + v for k, v in _arrays(capacity, sizes).items()}
 
     def _common(self) -> dict:
-        return dict(heap_ptrs=self.heap.ptrs, ready_off=self.ready_off, consumed_off=self.consumed_off,
+        return dict(heap_ptrs=self.heap.ptrs, flags=self.flags,
                     rank=self.rank, max_wait=self.max_wait, error_addr=self.errors.address,
                     interpret=self.interpret, dummy=self.dummy)
 
     # ------------------------------------------------------------------ dispatch
-    def _exchange_counts(self, num_tokens_per_rank: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        row = torch.cat([num_tokens_per_rank.to(torch.int64),
-                         torch.full((1,), num_tokens, dtype=torch.int64, device=self.device)])
+    def _exchange_counts(self, num_tokens_per_rank: torch.Tensor, num_tokens: int,
+                         num_tokens_per_expert: torch.Tensor | None) -> torch.Tensor:
+        """int64 [R, R + 1 (+ E)]: row s is what rank s sends to each rank, its token count and, when
+        given, its tokens per expert."""
+        parts = [num_tokens_per_rank.to(torch.int64),
+                 torch.full((1,), num_tokens, dtype=torch.int64, device=self.device)]
+        if num_tokens_per_expert is not None:
+            parts.append(num_tokens_per_expert.to(torch.int64))
+        row = torch.cat(parts)
         table = notify(row, self.heap.ptrs, self.table_off, self.notify_off, self.epochs[0:1], self.rank,
                        self.max_wait, self.errors.address, self.interpret)
         self.epochs[0:1].add_(1)
@@ -131,12 +145,18 @@ class TritonDispatcher:
     def dispatch(self, x: CheckedActivation, *, handle: DispatchHandle | None,
                  num_tokens_per_rank: torch.Tensor | None, is_token_in_rank: torch.Tensor | None,
                  topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, num_experts: int | None,
-                 expert_alignment: int, num_worst_tokens: int):
+                 expert_alignment: int, num_worst_tokens: int, num_tokens_per_expert: torch.Tensor | None = None):
         """Returns (recv_data, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle),
-        equal to :meth:`TorchDispatcher.dispatch`'s."""
+        equal to :meth:`TorchDispatcher.dispatch`'s.
+
+        A dispatch without a handle reads the device once (none with ``num_worst_tokens``): the count
+        table, this rank's tokens per destination, its received tokens per local expert (summed from
+        the exchanged ``num_tokens_per_expert``) and the range of ``topk_idx`` (checked here, see
+        ``validate.topk_range``).
+        """
         self._check()
         n, me = x.num_tokens, self.rank
-        max_tokens = None
+        max_tokens = per_expert_list = None
         if handle is not None:
             prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
             is_token_in_rank = handle.is_token_in_rank
@@ -149,20 +169,30 @@ class TritonDispatcher:
                 out_rows = out_rows if num_worst_tokens else totals[me]
                 max_rows = max_rows if max_rows is not None else max(totals)
         else:
-            table = self._exchange_counts(num_tokens_per_rank, n)
-            prefix = table[:, :self.num_ranks].cumsum(dim=0).to(torch.int32)
+            r = self.num_ranks
+            counted = num_tokens_per_expert if num_experts and num_experts <= _MAX_COUNTED_EXPERTS else None
+            table = self._exchange_counts(num_tokens_per_rank, n, counted)
+            prefix = table[:, :r].cumsum(dim=0).to(torch.int32)
             if num_worst_tokens:
                 out_rows, max_rows, max_tokens = num_worst_tokens, num_worst_tokens, n
             else:
-                own = is_token_in_rank.sum(dim=0).to(torch.int64)
-                host = torch.cat([table.flatten(), own]).tolist()
+                e_loc = num_experts // r if counted is not None else 0
+                mine = table[:, r + 1 + me * e_loc:r + 1 + (me + 1) * e_loc].sum(dim=0)
+                checks = [v.topk_range(topk_idx)] if topk_idx is not None and topk_idx.numel() else []
+                host = torch.cat([table[:, :r + 1].flatten(), is_token_in_rank.sum(dim=0).to(torch.int64), mine,
+                                  *checks]).tolist()
                 self._check()
-                width = self.num_ranks + 1
-                rows = [host[i * width:(i + 1) * width] for i in range(self.num_ranks)]
-                if rows[me][:-1] != host[-self.num_ranks:]:
+                if checks:
+                    v.raise_for_topk_range(*host[-2:], num_experts)
+                rows = [host[i * (r + 1):(i + 1) * (r + 1)] for i in range(r)]
+                own = host[r * (r + 1):r * (r + 2)]
+                if rows[me][:-1] != own:
                     raise ValueError("num_tokens_per_rank: does not match is_token_in_rank.sum(0) on rank "
-                                     f"{me} ({rows[me][:-1]} vs {host[-self.num_ranks:]})")
-                totals = [sum(row[j] for row in rows) for j in range(self.num_ranks)]
+                                     f"{me} ({rows[me][:-1]} vs {own})")
+                if counted is not None:
+                    per_expert_list = [(c + expert_alignment - 1) // expert_alignment * expert_alignment
+                                       for c in host[r * (r + 2):r * (r + 2) + e_loc]]
+                totals = [sum(row[j] for row in rows) for j in range(r)]
                 out_rows, max_rows, max_tokens = totals[me], max(totals), max(row[-1] for row in rows)
         in_rank = is_token_in_rank.contiguous().view(torch.uint8)
 
@@ -182,25 +212,24 @@ class TritonDispatcher:
                  "weights": num_topk * 4 if topk_weights is not None else 0, "src": 4}
         capacity, regions = self._region(sizes, "received row")
         num_rounds = max(1, _cdiv(max(max_rows, out_rows), capacity))
-        programs = self._programs()
+        senders, receivers = self._programs(dispatch_kernels.DISPATCH_SEND_SHARE)
         experts_per_rank = num_experts // self.num_ranks if num_experts else 0
         addresses = {k: (t.data_ptr() if t is not None and t.numel() else 0) for k, t in outputs.items()}
         for c in range(num_rounds):
-            dispatch_round(x_words=x_words, scales=x.scales, topk_idx=topk_idx, topk_weights=topk_weights,
-                           in_rank=in_rank, prefix=prefix, outputs=addresses, regions=regions,
-                           experts_per_rank=experts_per_rank,
-                           lo=c * capacity, hi=(c + 1) * capacity, round_idx=c, out_rows=out_rows,
-                           epoch=self.epochs[1:2], num_programs=programs, prev_programs=self.prev_programs,
-                           **self._common())
-            self.prev_programs = programs
+            dispatch_kernels.dispatch_round(
+                x_words=x_words, scales=x.scales, topk_idx=topk_idx, topk_weights=topk_weights, in_rank=in_rank,
+                prefix=prefix, outputs=addresses, regions=regions, experts_per_rank=experts_per_rank,
+                lo=c * capacity, hi=(c + 1) * capacity, round_idx=c, out_rows=out_rows, epoch=self.epochs[1:2],
+                senders=senders, receivers=receivers, prev_programs=self.prev_programs, **self._common())
+            self.prev_programs = receivers
         self.epochs[1:2].add_(num_rounds)
 
         recv_data = outputs["data"].view(x.data.dtype).view(out_rows, x.hidden)
         recv_idx, recv_weights = outputs["idx"], outputs["weights"]
-        per_expert_list = None
-        if handle is None:
-            per_expert_list = [] if num_worst_tokens else TorchDispatcher._aligned_counts(
-                recv_idx, experts_per_rank, expert_alignment)
+        if handle is None and num_worst_tokens:
+            per_expert_list = []
+        elif handle is None and per_expert_list is None:
+            per_expert_list = TorchDispatcher._aligned_counts(recv_idx, experts_per_rank, expert_alignment)
         if self.interpret or per_expert_list:
             self._check()
         new_handle = None
@@ -221,7 +250,8 @@ class TritonDispatcher:
         num_tokens, hidden = in_rank.shape[0], x.shape[1]
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         max_tokens = handle.max_tokens_per_rank if handle.max_tokens_per_rank is not None else num_tokens
-        slot = {"data": hidden * 2 * self.num_ranks, "weights": num_topk * 4 * self.num_ranks}
+        peers = max(self.num_ranks - 1, 1)  # a token's own row is read in place, not staged
+        slot = {"data": hidden * 2 * peers, "weights": num_topk * 4 * peers}
         tokens_per_round, regions = self._region(slot, "token's returning rows")
         num_rounds = max(1, _cdiv(max_tokens, tokens_per_round))
         x = x.contiguous()
@@ -232,14 +262,14 @@ class TritonDispatcher:
             if weights is not None else None
         prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
         biases = [b.contiguous() for b in biases]
-        programs = self._programs()
+        senders, receivers = self._programs(combine_kernels.COMBINE_SEND_SHARE)
         for c in range(num_rounds):
-            combine_round(x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix,
-                          in_rank=in_rank, biases=biases, out=out,
-                          out_weights=out_weights, regions=regions, tok_lo=c * tokens_per_round,
-                          tok_hi=(c + 1) * tokens_per_round, round_idx=c, epoch=self.epochs[1:2],
-                          num_programs=programs, prev_programs=self.prev_programs, **self._common())
-            self.prev_programs = programs
+            combine_kernels.combine_round(
+                x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix, in_rank=in_rank,
+                biases=biases, out=out, out_weights=out_weights, regions=regions, tok_lo=c * tokens_per_round,
+                tok_hi=(c + 1) * tokens_per_round, round_idx=c, epoch=self.epochs[1:2], senders=senders,
+                receivers=receivers, prev_programs=self.prev_programs, **self._common())
+            self.prev_programs = receivers
         self.epochs[1:2].add_(num_rounds)
         if self.interpret:
             self._check()

@@ -52,10 +52,11 @@ def check_num_experts(num_experts: object, num_ranks: int) -> int:
 
 
 def check_topk_idx(topk_idx: object, num_experts: int, device: torch.device,
-                   num_tokens: int | None = None, distinct: bool = False) -> torch.Tensor:
+                   num_tokens: int | None = None, distinct: bool = False, values: bool = True) -> torch.Tensor:
     """int64 [N, K] expert ids, each in [-1, num_experts); with ``distinct``, no expert twice in a row.
 
-    The value checks cost one device read together, skipped during CUDA-graph capture.
+    The value checks cost one device read together, skipped during CUDA-graph capture, and without
+    ``values`` (for a caller that reads ``topk_range`` along with its own device read).
     """
     check_tensor("topk_idx", topk_idx, torch.int64, 2, device)
     if num_tokens is not None and topk_idx.shape[0] != num_tokens:
@@ -63,23 +64,33 @@ def check_topk_idx(topk_idx: object, num_experts: int, device: torch.device,
                          f"{tuple(topk_idx.shape)}")
     if topk_idx.shape[1] < 1:
         raise ValueError(f"topk_idx: expected at least one top-k slot, got shape {tuple(topk_idx.shape)}")
-    if topk_idx.numel() == 0 or _capturing():
+    if not values or topk_idx.numel() == 0 or _capturing():
         return topk_idx
     n = topk_idx.shape[0]
-    values = list(torch.aminmax(topk_idx))
+    found = [topk_range(topk_idx)]
     if distinct:
         ordered = topk_idx.sort(dim=1).values
         repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
-        values.append(torch.where(repeated, torch.arange(n, device=device), n).min())
-    lo, hi, *first_repeat = torch.stack(values).tolist()
-    if lo < -1 or hi >= num_experts:
-        raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = empty slot), "
-                         f"got values from {lo} to {hi}")
+        found.append(torch.where(repeated, torch.arange(n, device=device), n).min().view(1))
+    lo, hi, *first_repeat = torch.cat(found).tolist()
+    raise_for_topk_range(lo, hi, num_experts)
     if first_repeat and first_repeat[0] < n:
         row = first_repeat[0]
         raise ValueError(f"topk_idx: row {row} names an expert twice ({topk_idx[row].tolist()}); "
                          "each token picks distinct experts")
     return topk_idx
+
+
+def topk_range(topk_idx: torch.Tensor) -> torch.Tensor:
+    """int64 [2] on the device: the smallest and largest expert id of a non-empty ``topk_idx``."""
+    return torch.stack(list(torch.aminmax(topk_idx)))
+
+
+def raise_for_topk_range(lo: int, hi: int, num_experts: int) -> None:
+    """Raises if expert ids from ``lo`` to ``hi`` (see ``topk_range``) leave [-1, num_experts)."""
+    if lo < -1 or hi >= num_experts:
+        raise ValueError(f"topk_idx: expert ids must lie in [-1, {num_experts}) (-1 = empty slot), "
+                         f"got values from {lo} to {hi}")
 
 
 def check_topk_weights(topk_weights: object, topk_idx: torch.Tensor, name: str = "topk_weights") -> torch.Tensor:

@@ -1,9 +1,14 @@
-"""High-throughput combine kernels, one round at a time (the reverse of dispatch).
+"""High-throughput combine kernel, one round per launch (the reverse of dispatch).
 
-A round covers the source tokens ``[tok_lo, tok_hi)``. Its first launch (send) writes each received
-row whose token lies there back into its source rank's heap region at slot ``(t - tok_lo) * R + rank``;
-its second launch (reduce) waits for every peer's send programs, then sums each token's slots in
-float32, rank 0 first, adds the biases and writes bf16. Flags as in :mod:`moekit.ep.kernels.dispatch`.
+A round covers the source tokens ``[tok_lo, tok_hi)``. A launch runs ``P_s`` send and ``P_r`` reduce
+programs. For each peer s, send program q takes the q-th of ``P_s`` contiguous shares of the rows this
+rank received from s, and writes each row whose token lies in the round into s's heap region at
+slot ``(t - tok_lo) * (R - 1) + (this rank's index among s's peers)``; it publishes how many rows of
+its share it has passed, every few tiles. Reduce program r takes a share of this rank's tokens: for a
+tile of tokens it works out where each token's row lies at each rank (hence which send program
+writes it), waits until those rows are published, then sums them in float32 in rank order (this
+rank's own rows read straight from the input, never staged), adds the biases and writes bf16.
+Flags as in :mod:`moekit.ep.kernels.dispatch`.
 """
 
 from __future__ import annotations
@@ -12,13 +17,19 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ep.kernels.dispatch import NUM_WARPS, copy_rows, flag_blocks, program_slice, row_pointers, row_tiles, signal_peers, wait_peers
-from moekit.ep.kernels.sync import op_code
+from moekit.ep.kernels.dispatch import (NUM_WARPS, PUBLISH_EVERY, _FLAG_STRIDE, copy_rows, flag_blocks, progress_word,
+                                        row_pointers, row_tiles, share, signal_peers, tokens_per_rank, wait_peers,
+                                        wait_rows)
+from moekit.ep.kernels.sync import error_pointer, op_code, peer_pointer, signal
 
 OP_COMBINE = tl.constexpr(op_code("combine"))
-# bf16 elements a reduce step sums per partial row block (16 float32 accumulators per thread at 16 warps):
-# R such tiles are loaded at once, so this stays small enough for 8 ranks without spilling.
-_REDUCE_TILE = 8192
+# bf16 elements (over all ranks) a reduce step loads at once: every rank's partial tile is in flight
+# together, which is what keeps a program's reads fast; per thread at 16 warps, 32 values (more spill).
+_REDUCE_ELEMENTS = 16384
+# Of a combine's programs, the share that sends; the reducers read two rows and write one per row sent.
+COMBINE_SEND_SHARE = 0.25
+# Tokens a reduce program waits for at once: one poll of their rows' progress flags per this many tokens.
+_WAIT_TOKENS = 64
 
 
 @triton.jit
@@ -30,98 +41,161 @@ def bf16_bits(value):
     return tl.where(value != value, (bits >> 16) | 0x40, rounded).to(tl.uint16)
 
 
-# For each received row p with source token t = src_idx[p] in [tok_lo, tok_hi), from source rank
-# s = #{i in 1..R-1 : prefix[i - 1, rank] <= p}:   region_s[(t - tok_lo) * R + rank] = x[p];  weights likewise
-# Rows go in tiles of BLOCK_T consecutive rows, each stored through its own destination pointer.
-@triton.jit(do_not_specialize=["rows", "tok_lo", "tok_hi", "round_idx", "prev_programs", "rank"])
-def combine_send_kernel(x_ptr, weights_ptr, src_idx_ptr, prefix_ptr, rows, words, num_topk, tok_lo, tok_hi,
-                        round_idx, reg_data, reg_weights, heap_ptrs, ready_off, consumed_off, epoch_ptr,
-                        prev_programs, rank, max_wait, error_addr, NUM_RANKS: tl.constexpr,
-                        HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr):
-    epoch = tl.load(epoch_ptr) + round_idx + 1
+# Send program q of P, for each peer s: rows p = b0 + o of s's block [b0, b1) = [prefix[s - 1, rank], prefix[s, rank])
+# (source token t = src_idx[p]), o in share q of [0, b1 - b0), with tok_lo <= t < tok_hi:
+#   region_s[(t - tok_lo) * (R - 1) + (rank - (rank > s))] = x[p];  weights likewise
+# progress[rank, q] at s: epoch << 32 | how many rows of the share are passed.
+@triton.jit
+def _combine_send(q, P, x_ptr, weights_ptr, src_idx_ptr, prefix_ptr, words, num_topk, tok_lo, tok_hi, reg_data,
+                  reg_weights, heap_ptrs, progress_off, consumed_off, epoch, prev_programs, rank, max_wait, error_addr,
+                  NUM_RANKS: tl.constexpr, PEERS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_W: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_P: tl.constexpr, PUBLISH: tl.constexpr, INTERPRET: tl.constexpr):
     wait_peers(heap_ptrs, consumed_off, rank, prev_programs, epoch - 1, max_wait, error_addr, OP_COMBINE,
                NUM_RANKS, BLOCK_R, BLOCK_P, INTERPRET)
-    r_offs = tl.arange(0, BLOCK_R)
-    later = (r_offs >= 1) & (r_offs < NUM_RANKS)
-    block_starts = tl.load(prefix_ptr + tl.maximum(r_offs - 1, 0) * NUM_RANKS + rank, mask=later, other=2147483647)
-    p_begin, p_end = program_slice(0, rows)
     toks = tl.arange(0, BLOCK_T)
     k_offs = tl.arange(0, BLOCK_K)
     row_bytes = words.to(tl.int64) * 4
-    for p0 in range(p_begin, p_end, BLOCK_T):
-        p = p0 + toks
-        t = tl.load(src_idx_ptr + p, mask=p < p_end, other=-1)
-        keep = ((p < p_end) & (t >= tok_lo) & (t < tok_hi))[:, None]
-        source = tl.sum((block_starts[None, :] <= p[:, None]).to(tl.int32), axis=1)
-        heap = tl.load(heap_ptrs + source)
-        slot = ((t - tok_lo) * NUM_RANKS + rank).to(tl.int64)
-        copy_rows(x_ptr + p * words, row_pointers(heap + reg_data, slot, row_bytes, ALIGN, tl.int32), keep, keep, words,
-                  BLOCK_W)
-        if HAS_WEIGHTS:
-            km = keep & (k_offs < num_topk)[None, :]
-            wdst = row_pointers(heap + reg_weights, slot, num_topk * 4, 4, tl.float32)
-            tl.store(wdst[:, None] + k_offs[None, :],
-                     tl.load(weights_ptr + p[:, None] * num_topk + k_offs[None, :], mask=km), mask=km)
-    signal_peers(heap_ptrs, ready_off, rank, epoch, NUM_RANKS)
+    word = progress_off + (rank * _FLAG_STRIDE + q) * 8
+    for s in tl.static_range(NUM_RANKS):
+        if s != rank:
+            if s > 0:
+                b0 = tl.load(prefix_ptr + (s - 1) * NUM_RANKS + rank)
+            else:
+                b0 = 0
+            o_lo, o_hi = share(0, tl.load(prefix_ptr + s * NUM_RANKS + rank) - b0, q, P)
+            heap = tl.load(heap_ptrs + s)
+            flag = peer_pointer(heap_ptrs, s, word, tl.int64)
+            my_slot = rank - (rank > s).to(tl.int32)
+            for o0 in range(o_lo, o_hi, BLOCK_T):
+                o = o0 + toks
+                p = b0 + o
+                t = tl.load(src_idx_ptr + p, mask=o < o_hi, other=-1)
+                keep = ((o < o_hi) & (t >= tok_lo) & (t < tok_hi))[:, None]
+                slot = ((t - tok_lo) * PEERS + my_slot).to(tl.int64)
+                copy_rows(x_ptr + p * words, row_pointers(heap + reg_data, slot, row_bytes, ALIGN, tl.int32), keep,
+                          keep, words, BLOCK_W, "")
+                if HAS_WEIGHTS:
+                    km = keep & (k_offs < num_topk)[None, :]
+                    wdst = row_pointers(heap + reg_weights, slot, num_topk * 4, 4, tl.float32)
+                    tl.store(wdst[:, None] + k_offs[None, :],
+                             tl.load(weights_ptr + p[:, None] * num_topk + k_offs[None, :], mask=km), mask=km)
+                if ((o0 - o_lo) // BLOCK_T) % PUBLISH == PUBLISH - 1:
+                    tl.debug_barrier()
+                    signal(flag, progress_word(epoch, tl.minimum(o0 + BLOCK_T, o_hi) - o_lo, False))
+            tl.debug_barrier()
+            signal(flag, progress_word(epoch, tl.maximum(o_hi - o_lo, 0), True))
 
 
-# For each token t in [tok_lo, min(tok_hi, N)):
-#   out[t] = bf16(((0 + sum over r = 0..R-1 with in_rank[t, r] of f32(region[(t - tok_lo) * R + r])) + f32(bias0[t])) + f32(bias1[t]))
-#   out_weights[t] = the same sum of the weights slots (float32, no bias)
-# A step takes a [BLOCK_T, BLOCK_H] tile: the R partial tiles are loaded together, then added in rank order.
-@triton.jit(do_not_specialize=["num_tokens", "tok_lo", "tok_hi", "round_idx", "send_programs", "rank"])
-def combine_reduce_kernel(in_rank_ptr, bias0_ptr, bias1_ptr, out_ptr, out_weights_ptr, num_tokens, hidden, num_topk,
-                          tok_lo, tok_hi, round_idx, reg_data, reg_weights, heap_ptrs, ready_off, consumed_off,
-                          epoch_ptr, send_programs, rank, max_wait, error_addr, NUM_RANKS: tl.constexpr,
-                          NUM_BIASES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_H: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_P: tl.constexpr, INTERPRET: tl.constexpr):
-    epoch = tl.load(epoch_ptr) + round_idx + 1
-    wait_peers(heap_ptrs, ready_off, rank, send_programs, epoch, max_wait, error_addr, OP_COMBINE,
-               NUM_RANKS, BLOCK_R, BLOCK_P, INTERPRET)
-    t_begin, t_end = program_slice(tok_lo, tl.minimum(tok_hi, num_tokens) - tok_lo)
+# Reduce program r of P_r, for each token t of its share of [tok_lo, min(tok_hi, N)): with o_j(t) = #{t' < t :
+# in_rank[t', j]} the token's place in this rank's block at rank j, its row there is written by send program
+# o_j(t) // ceil(n_j / P_s) of rank j (n_j = the block's rows). Once published:
+#   out[t] = bf16(((0 + sum over j = 0..R-1 with in_rank[t, j] of f32(row_j)) + f32(bias0[t])) + f32(bias1[t]))
+#   row_j = x[prefix[rank - 1, rank] + o_rank(t)] for j = rank, else region[(t - tok_lo) * (R - 1) + j - (j > rank)]
+#   out_weights[t] = the same sum of the weights (float32, no bias)
+@triton.jit
+def _combine_reduce(r, receivers, senders, x_ptr, weights_ptr, in_rank_ptr, prefix_ptr, bias0_ptr, bias1_ptr,
+                    out_ptr, out_weights_ptr, num_tokens, hidden, num_topk, tok_lo, tok_hi, reg_data, reg_weights,
+                    heap_ptrs, progress_off, consumed_off, epoch, rank, max_wait, error_addr, NUM_RANKS: tl.constexpr,
+                    PEERS: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_H: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    WAIT_T: tl.constexpr, INTERPRET: tl.constexpr):
+    t_begin, t_end = share(tok_lo, tl.minimum(tok_hi, num_tokens) - tok_lo, r, receivers)
+    ranks = tl.arange(0, BLOCK_R)
+    real_rank = ranks < NUM_RANKS
+    block_lo = tl.load(prefix_ptr + tl.maximum(rank - 1, 0) * NUM_RANKS + ranks, mask=real_rank & (rank > 0), other=0)
+    block_rows = tl.load(prefix_ptr + rank * NUM_RANKS + ranks, mask=real_rank, other=0) - block_lo
+    per_writer = tl.maximum(tl.cdiv(block_rows, senders), 1)
+    placed = tokens_per_rank(in_rank_ptr, t_begin, NUM_RANKS, BLOCK_R)
+    own_lo = tl.sum(tl.where(ranks == rank, block_lo, 0), axis=0)
     heap = tl.load(heap_ptrs + rank)
+    flags = (heap + progress_off).to(tl.pointer_type(tl.int64))
     out_bits = out_ptr.to(tl.pointer_type(tl.uint16))
     toks = tl.arange(0, BLOCK_T)
     h_offs = tl.arange(0, BLOCK_H)
     k_offs = tl.arange(0, BLOCK_K)
     row_bytes = hidden.to(tl.int64) * 2
-    for t0 in range(t_begin, t_end, BLOCK_T):
-        t = t0 + toks
-        tm = t < t_end
-        first_slot = (t - tok_lo) * NUM_RANKS
-        for hb in range(0, tl.cdiv(hidden, BLOCK_H)):
-            h = hb * BLOCK_H + h_offs
-            hm = tm[:, None] & (h < hidden)[None, :]
-            acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-            for r in tl.static_range(NUM_RANKS):
-                present = (tl.load(in_rank_ptr + t * NUM_RANKS + r, mask=tm, other=0) != 0)[:, None]
-                row = row_pointers(heap + reg_data, first_slot + r, row_bytes, ALIGN, tl.bfloat16)
-                acc += tl.load(row[:, None] + h[None, :], mask=hm & present, other=0.0).to(tl.float32)
-            if NUM_BIASES >= 1:
-                acc += tl.load(bias0_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
-            if NUM_BIASES >= 2:
-                acc += tl.load(bias1_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
-            tl.store(out_bits + t[:, None] * hidden + h[None, :], bf16_bits(acc), mask=hm)
-        if HAS_WEIGHTS:
-            km = tm[:, None] & (k_offs < num_topk)[None, :]
-            wacc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-            for r in tl.static_range(NUM_RANKS):
-                present = (tl.load(in_rank_ptr + t * NUM_RANKS + r, mask=tm, other=0) != 0)[:, None]
-                slot = row_pointers(heap + reg_weights, first_slot + r, num_topk * 4, 4, tl.float32)
-                wacc += tl.load(slot[:, None] + k_offs[None, :], mask=km & present, other=0.0)
-            tl.store(out_weights_ptr + t[:, None] * num_topk + k_offs[None, :], wacc, mask=km)
-    signal_peers(heap_ptrs, consumed_off, rank, epoch, NUM_RANKS)
+    for s0 in range(t_begin, t_end, WAIT_T):
+        # One wait for the next WAIT_T tokens' rows, then their sums in tiles of BLOCK_T tokens.
+        ts = s0 + tl.arange(0, WAIT_T)
+        coming = tl.load(in_rank_ptr + ts[:, None] * NUM_RANKS + ranks[None, :],
+                         mask=(ts < t_end)[:, None] & real_rank[None, :], other=0).to(tl.int32)
+        at = placed[None, :] + tl.cumsum(coming, axis=0) - 1
+        need = (coming != 0) & (ranks[None, :] != rank)
+        writer = tl.where(need, at // per_writer[None, :], 0)
+        wait_rows(flags + tl.where(need, ranks[None, :], 0) * _FLAG_STRIDE + writer, need, epoch,
+                  at - writer * per_writer[None, :], ranks[None, :] + writer * 0, max_wait,
+                  error_pointer(error_addr), OP_COMBINE, rank, INTERPRET)
+        for t0 in range(s0, tl.minimum(s0 + WAIT_T, t_end), BLOCK_T):
+            t = t0 + toks
+            tm = t < t_end
+            goes = tl.load(in_rank_ptr + t[:, None] * NUM_RANKS + ranks[None, :],
+                           mask=tm[:, None] & real_rank[None, :], other=0).to(tl.int32)
+            place = placed[None, :] + tl.cumsum(goes, axis=0) - 1
+            placed += tl.sum(goes, axis=0)
+            own_row = (own_lo + tl.sum(tl.where(ranks[None, :] == rank, place, 0), axis=1)).to(tl.int64)
+            own_rows = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.bfloat16)) + own_row * hidden, ALIGN)
+            first_slot = (t - tok_lo) * PEERS
+            for hb in range(0, tl.cdiv(hidden, BLOCK_H)):
+                h = hb * BLOCK_H + h_offs
+                hm = tm[:, None] & (h < hidden)[None, :]
+                acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+                for j in tl.static_range(NUM_RANKS):
+                    present = (tl.sum(tl.where(ranks[None, :] == j, goes, 0), axis=1) != 0)[:, None]
+                    staged = row_pointers(heap + reg_data, first_slot + j - (j > rank).to(tl.int32), row_bytes, ALIGN,
+                                          tl.bfloat16)
+                    row = tl.where(j == rank, own_rows, staged)
+                    acc += tl.load(row[:, None] + h[None, :], mask=hm & present, other=0.0,
+                                   cache_modifier=".cg").to(tl.float32)
+                if NUM_BIASES >= 1:
+                    acc += tl.load(bias0_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
+                if NUM_BIASES >= 2:
+                    acc += tl.load(bias1_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
+                tl.store(out_bits + t[:, None] * hidden + h[None, :], bf16_bits(acc), mask=hm)
+            if HAS_WEIGHTS:
+                km = tm[:, None] & (k_offs < num_topk)[None, :]
+                wacc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+                for j in tl.static_range(NUM_RANKS):
+                    present = (tl.sum(tl.where(ranks[None, :] == j, goes, 0), axis=1) != 0)[:, None]
+                    staged = row_pointers(heap + reg_weights, first_slot + j - (j > rank).to(tl.int32), num_topk * 4, 4,
+                                          tl.float32)
+                    slot = tl.where(j == rank, weights_ptr.to(tl.pointer_type(tl.float32)) + own_row * num_topk, staged)
+                    wacc += tl.load(slot[:, None] + k_offs[None, :], mask=km & present, other=0.0, cache_modifier=".cg")
+                tl.store(out_weights_ptr + t[:, None] * num_topk + k_offs[None, :], wacc, mask=km)
+    signal_peers(heap_ptrs, consumed_off, rank, r, epoch, NUM_RANKS)
+
+
+# Programs [0, senders) send (_combine_send), the rest reduce (_combine_reduce).
+@triton.jit(do_not_specialize=["num_tokens", "tok_lo", "tok_hi", "round_idx", "prev_programs", "senders", "rank"])
+def combine_kernel(x_ptr, weights_ptr, src_idx_ptr, in_rank_ptr, prefix_ptr, bias0_ptr, bias1_ptr, out_ptr,
+                   out_weights_ptr, num_tokens, words, num_topk, tok_lo, tok_hi, round_idx, reg_data, reg_weights,
+                   heap_ptrs, progress_off, consumed_off, epoch_ptr, prev_programs, senders, rank, max_wait, error_addr,
+                   NUM_RANKS: tl.constexpr, PEERS: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN: tl.constexpr, REDUCE_T: tl.constexpr,
+                   REDUCE_H: tl.constexpr, REDUCE_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_P: tl.constexpr, WAIT_T: tl.constexpr, PUBLISH: tl.constexpr, INTERPRET: tl.constexpr):
+    epoch = tl.load(epoch_ptr) + round_idx + 1
+    pid = tl.program_id(0)
+    if pid < senders:
+        _combine_send(pid, senders, x_ptr, weights_ptr, src_idx_ptr, prefix_ptr, words, num_topk, tok_lo, tok_hi,
+                      reg_data, reg_weights, heap_ptrs, progress_off, consumed_off, epoch, prev_programs, rank,
+                      max_wait, error_addr, NUM_RANKS, PEERS, HAS_WEIGHTS, BLOCK_T, BLOCK_W, ALIGN, BLOCK_K, BLOCK_R,
+                      BLOCK_P, PUBLISH, INTERPRET)
+    else:
+        _combine_reduce(pid - senders, tl.num_programs(0) - senders, senders, x_ptr, weights_ptr, in_rank_ptr,
+                        prefix_ptr, bias0_ptr, bias1_ptr, out_ptr, out_weights_ptr, num_tokens, words * 2, num_topk,
+                        tok_lo, tok_hi, reg_data, reg_weights, heap_ptrs, progress_off, consumed_off, epoch, rank,
+                        max_wait, error_addr, NUM_RANKS, PEERS, NUM_BIASES, HAS_WEIGHTS, REDUCE_T, REDUCE_H,
+                        REDUCE_ALIGN, BLOCK_K, BLOCK_R, WAIT_T, INTERPRET)
 
 
 def combine_round(*, x_words: torch.Tensor, topk_weights: torch.Tensor | None, src_idx: torch.Tensor,
                   prefix: torch.Tensor, in_rank: torch.Tensor, biases: list[torch.Tensor], out: torch.Tensor,
                   out_weights: torch.Tensor | None, regions: dict, tok_lo: int, tok_hi: int, round_idx: int,
-                  heap_ptrs: torch.Tensor, ready_off: int, consumed_off: int, epoch: torch.Tensor,
-                  num_programs: int, prev_programs: int, rank: int, max_wait: int, error_addr: int,
-                  interpret: bool, dummy: torch.Tensor) -> None:
-    """Launches one combine round (send, then reduce) on the current stream.
+                  heap_ptrs: torch.Tensor, flags: dict, epoch: torch.Tensor, senders: int, receivers: int,
+                  prev_programs: int, rank: int, max_wait: int, error_addr: int, interpret: bool,
+                  dummy: torch.Tensor) -> None:
+    """Launches one combine round (``senders`` send and ``receivers`` reduce programs) on the current stream.
 
     Args:
         x_words: int32 [M, W], the processed rows (bf16 [M, H]) as 4-byte words.
@@ -129,26 +203,24 @@ def combine_round(*, x_words: torch.Tensor, topk_weights: torch.Tensor | None, s
         prefix: int32 [R, R], the rank prefix matrix (where each source's block ends in each rank's rows).
         in_rank: uint8 [N, R], this rank's is_token_in_rank. biases: up to two bf16 [N, H].
         out: bf16 [N, H]; out_weights: float32 [N, K] or None.
-        regions: byte offsets of the heap arrays ``data`` (bf16 [T * R, H]) and ``weights``.
+        regions: byte offsets of the heap arrays ``data`` (bf16 [T * (R - 1), H]) and ``weights``.
+        flags: byte offsets of the heap's flag arrays, keyed progress, consumed.
+        senders, receivers: programs of each kind (every rank must use the same).
     """
     num_ranks = heap_ptrs.numel()
-    rows, words = x_words.shape
+    words = x_words.shape[1]
     num_tokens, hidden = out.shape
     num_topk = topk_weights.shape[1] if topk_weights is not None else 0
     has_weights = topk_weights is not None
-    block_k = triton.next_power_of_2(max(num_topk, 1))
-    combine_send_kernel[(num_programs,)](
-        x_words if x_words.numel() else dummy, topk_weights if has_weights and topk_weights.numel() else dummy,
-        src_idx if src_idx.numel() else dummy, prefix, rows, words, num_topk, tok_lo, tok_hi, round_idx,
-        regions["data"], regions["weights"], heap_ptrs, ready_off, consumed_off, epoch, prev_programs, rank, max_wait,
-        error_addr, NUM_RANKS=num_ranks, HAS_WEIGHTS=has_weights, **row_tiles(words), BLOCK_K=block_k,
-        INTERPRET=interpret, num_warps=NUM_WARPS, **flag_blocks(num_ranks, prev_programs))
-    tiles = row_tiles(hidden, _REDUCE_TILE)  # tiles of bf16 elements, sized as the send's tiles of words
+    reduce = row_tiles(hidden, _REDUCE_ELEMENTS // triton.next_power_of_2(num_ranks))  # bf16 elements, sized as words
     bias = [b if b.numel() else dummy for b in biases] + [dummy] * (2 - len(biases))
-    combine_reduce_kernel[(num_programs,)](
-        in_rank if in_rank.numel() else dummy, bias[0], bias[1], out if out.numel() else dummy,
-        out_weights if has_weights and out_weights.numel() else dummy, num_tokens, hidden, num_topk, tok_lo, tok_hi,
-        round_idx, regions["data"], regions["weights"], heap_ptrs, ready_off, consumed_off, epoch, num_programs, rank,
-        max_wait, error_addr, NUM_RANKS=num_ranks, NUM_BIASES=len(biases), HAS_WEIGHTS=has_weights,
-        BLOCK_T=tiles["BLOCK_T"], BLOCK_H=tiles["BLOCK_W"], ALIGN=16 if hidden % 8 == 0 else 2, BLOCK_K=block_k,
-        INTERPRET=interpret, num_warps=NUM_WARPS, **flag_blocks(num_ranks, num_programs))
+    combine_kernel[(senders + receivers,)](
+        x_words if x_words.numel() else dummy, topk_weights if has_weights and topk_weights.numel() else dummy,
+        src_idx if src_idx.numel() else dummy, in_rank if in_rank.numel() else dummy, prefix, bias[0], bias[1],
+        out if out.numel() else dummy, out_weights if has_weights and out_weights.numel() else dummy, num_tokens,
+        words, num_topk, tok_lo, tok_hi, round_idx, regions["data"], regions["weights"], heap_ptrs, flags["progress"],
+        flags["consumed"], epoch, prev_programs, senders, rank, max_wait, error_addr, NUM_RANKS=num_ranks,
+        PEERS=max(num_ranks - 1, 1), NUM_BIASES=len(biases), HAS_WEIGHTS=has_weights, **row_tiles(words),
+        REDUCE_T=reduce["BLOCK_T"], REDUCE_H=reduce["BLOCK_W"], REDUCE_ALIGN=16 if hidden % 8 == 0 else 2,
+        BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), **flag_blocks(num_ranks, prev_programs), WAIT_T=_WAIT_TOKENS,
+        PUBLISH=PUBLISH_EVERY, INTERPRET=interpret, num_warps=NUM_WARPS)

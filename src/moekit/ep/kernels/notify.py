@@ -1,8 +1,9 @@
-"""Count exchange before a high-throughput dispatch: every rank learns the full [R, R+1] table.
+"""Count exchange before a high-throughput dispatch: every rank learns the full [R, W] table.
 
-Row s of the table is what rank s announced: how many rows it sends to each rank, then how many
-tokens it holds. Each rank writes its own row into slot s of every peer's table (one writer per
-slot), raises its flag there, and waits for every peer's flag.
+Row s of the table is what rank s announced: how many rows it sends to each rank, how many tokens it
+holds, then (when they fit) how many of its tokens chose each expert. Each rank writes its own row
+into slot s of every peer's table (one writer per slot), raises its flag there, and waits for every
+peer's flag.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from moekit.ep.kernels.sync import error_pointer, op_code, peer_pointer, signal,
 OP_NOTIFY = tl.constexpr(op_code("notify"))
 
 
-# table[rank, :] on every peer  <-  row;   then   out[s, c] = table[s, c] once flag[s] >= epoch for all s
+# table[rank, :width] on every peer  <-  row;   then   out[s, c] = table[s, c] once flag[s] >= epoch for all s
 @triton.jit
-def notify_kernel(row_ptr, heap_ptrs, table_off, flags_off, out_ptr, epoch_ptr, rank, max_wait, error_addr,
+def notify_kernel(row_ptr, width, heap_ptrs, table_off, flags_off, out_ptr, epoch_ptr, rank, max_wait, error_addr,
                   NUM_RANKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
-    width = NUM_RANKS + 1
     epoch = tl.load(epoch_ptr) + 1
     cols = tl.arange(0, BLOCK_C)
     row = tl.load(row_ptr + cols, mask=cols < width)
@@ -44,14 +44,16 @@ def notify_kernel(row_ptr, heap_ptrs, table_off, flags_off, out_ptr, epoch_ptr, 
 
 def notify(row: torch.Tensor, heap_ptrs: torch.Tensor, table_off: int, flags_off: int, epoch: torch.Tensor,
            rank: int, max_wait: int, error_addr: int, interpret: bool) -> torch.Tensor:
-    """Exchanges ``row`` (int64 [R+1]) with every rank; returns the int64 [R, R+1] table of all rows.
+    """Exchanges ``row`` (int64 [W], the same W on every rank) with every rank; returns the int64
+    [R, W] table of all rows. The heap's table holds at least R * W words.
 
     ``epoch`` (int64 [1], on the device) is the number of exchanges done so far; the caller adds 1
     after this launch. The flag words live at ``flags_off``, the table at ``table_off``.
     """
     num_ranks = heap_ptrs.numel()
-    out = torch.empty(num_ranks, num_ranks + 1, dtype=torch.int64, device=row.device)
-    notify_kernel[(1,)](row, heap_ptrs, table_off, flags_off, out, epoch, rank, max_wait, error_addr,
-                        NUM_RANKS=num_ranks, BLOCK_C=triton.next_power_of_2(num_ranks + 1),
+    width = row.numel()
+    out = torch.empty(num_ranks, width, dtype=torch.int64, device=row.device)
+    notify_kernel[(1,)](row, width, heap_ptrs, table_off, flags_off, out, epoch, rank, max_wait, error_addr,
+                        NUM_RANKS=num_ranks, BLOCK_C=triton.next_power_of_2(width),
                         BLOCK_R=triton.next_power_of_2(num_ranks), INTERPRET=interpret)
     return out

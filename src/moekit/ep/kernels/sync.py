@@ -60,6 +60,15 @@ def poll(flag_ptr):
 
 
 @triton.jit
+def record_timeout(error_ptr, op, rank, peer):
+    """Records ``[1, op, rank, peer]`` at ``error_ptr`` for the host to raise (the first word last)."""
+    tl.atomic_xchg(error_ptr + 1, op)
+    tl.atomic_xchg(error_ptr + 2, rank)
+    tl.atomic_xchg(error_ptr + 3, peer)
+    tl.atomic_xchg(error_ptr, 1)
+
+
+@triton.jit
 def wait_geq(flag_ptr, target, max_wait, error_ptr, op, rank, peer, INTERPRET: tl.constexpr):
     """Spins until ``*flag_ptr >= target``; returns whether it arrived.
 
@@ -80,10 +89,7 @@ def wait_geq(flag_ptr, target, max_wait, error_ptr, op, rank, peer, INTERPRET: t
             waited = tl.extra.cuda.globaltimer() - start
     arrived = value >= target
     if not arrived:
-        tl.atomic_xchg(error_ptr + 1, op)
-        tl.atomic_xchg(error_ptr + 2, rank)
-        tl.atomic_xchg(error_ptr + 3, peer)
-        tl.atomic_xchg(error_ptr, 1)
+        record_timeout(error_ptr, op, rank, peer)
     return arrived
 
 
@@ -110,11 +116,7 @@ def wait_all(flag_ptrs, mask, target, peers, max_wait, error_ptr, op, rank, INTE
         else:
             waited = tl.extra.cuda.globaltimer() - start
     if tl.min(values, axis=0) < target:
-        late = tl.min(tl.where(values < target, peers, 1 << 30), axis=0)
-        tl.atomic_xchg(error_ptr + 1, op)
-        tl.atomic_xchg(error_ptr + 2, rank)
-        tl.atomic_xchg(error_ptr + 3, late)
-        tl.atomic_xchg(error_ptr, 1)
+        record_timeout(error_ptr, op, rank, tl.min(tl.where(values < target, peers, 1 << 30), axis=0))
     return values
 
 
