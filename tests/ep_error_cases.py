@@ -52,6 +52,8 @@ def check_bad_inputs(backend: str) -> None:
     _raises(ValueError, "expert_alignment: expected an int >= 1", buf.dispatch, x, expert_alignment=0, **kw)
     _raises(ValueError, "num_worst_tokens: expected an int >= 0", buf.dispatch, x, num_worst_tokens=-1, **kw)
     _raises(TypeError, "config: expected moekit.ep.Config", buf.dispatch, x, config={"num_sms": 20}, **kw)
+    # every rank passes the bad ids (the triton engine finds them in its count-exchange read)
+    _raises(ValueError, r"topk_idx: expert ids must lie in \[-1, 8\)", buf.dispatch, x, **{**kw, "topk_idx": idx + 8})
     res = buf.dispatch(x, **kw)
     _raises(ValueError, "must be None for a cached dispatch", buf.dispatch, x, handle=res.handle, topk_idx=idx)
     _raises(ValueError, "the handle was made for 4 tokens", buf.dispatch, x[:2], handle=res.handle)
