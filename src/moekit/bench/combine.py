@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, sweep_main
 from moekit.bench.dispatch import COLUMNS
-from moekit.bench.timing import back_to_back_us, median_us
+from moekit.bench.timing import back_to_back_us, graph_us, median_us
 from moekit.ep.torch_backend import count_matrix_from_prefix
 
 
@@ -32,13 +32,14 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
     peer_gbps = peer_copy_bandwidth_gbps(256 << 20)
     us = back_to_back_us(lambda: fast.combine(d.recv_x, d.handle), before=dist.barrier)
     us_alone = median_us(lambda: fast.combine(d.recv_x, d.handle), setup=dist.barrier)
+    us_graph = graph_us(lambda: fast.combine(d.recv_x, d.handle), before=dist.barrier)
     torch_us = median_us(lambda: ref.combine(d_ref.recv_x, d_ref.handle), warmup=2, repeat=5, setup=dist.barrier)
     counts = count_matrix_from_prefix(d.handle.rank_prefix_matrix)
     back, home = counts[:, rank].tolist(), counts[rank].tolist()
     row_bytes = hidden * 2
     nccl_us = nccl_all_to_all_us(back, home, row_bytes)
     remote = sum(back) - back[rank]
-    return [dict(tokens=num_tokens, format="bf16", us_cached=us, us=us, us_alone=us_alone,
+    return [dict(tokens=num_tokens, format="bf16", us_cached=us, us=us, us_alone=us_alone, us_graph=us_graph,
                  gbps_deepep=sum(back) * row_bytes / us / 1e3, gbps_nvlink=remote * row_bytes / us / 1e3,
                  nccl_us=nccl_us, vs_nccl=nccl_us / us, torch_us=torch_us,
                  peer_fraction=remote * row_bytes / us / 1e3 / peer_gbps, sms=num_sms,

@@ -8,7 +8,8 @@ crossed NVLink, against the copy engine's peer bandwidth in the same run.
 
 Calls are timed back to back, each between two CUDA events, as DeepEP's tests time them (NCCL and
 ``all_to_all_vdev_2d`` alike), so the host prepares a call while the device runs the one before;
-"alone" is the cached call issued by itself after a barrier, which adds the host's own time to it.
+"alone" is the cached call issued by itself after a barrier, which adds the host's own time to it;
+"graph" is the cached call replayed from a CUDA graph: the device's time alone.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, row_bytes, sweep_main
-from moekit.bench.timing import back_to_back_us, median_us
+from moekit.bench.timing import back_to_back_us, graph_us, median_us
 from moekit.ep.torch_backend import count_matrix_from_prefix
 
 COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us (handle)", "us": "moekit us",
-           "us_alone": "alone us",
+           "us_alone": "alone us", "us_graph": "graph us",
            "gbps_deepep": "GB/s DeepEP", "gbps_nvlink": "GB/s NVLink", "nccl_us": "NCCL us",
            "vs_nccl": "x NCCL", "vdev_us": "vdev_2d us", "vs_vdev": "x vdev_2d", "torch_us": "torch-backend us",
            "peer_fraction": "of peer BW", "sms": "SMs"}
@@ -48,6 +49,7 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
         us_cached = back_to_back_us(lambda: fast.dispatch(data, handle=d.handle), before=dist.barrier)
         us = back_to_back_us(lambda: fast.dispatch(data, **args), before=dist.barrier)
         us_alone = median_us(lambda: fast.dispatch(data, handle=d.handle), setup=dist.barrier)
+        us_graph = graph_us(lambda: fast.dispatch(data, handle=d.handle), before=dist.barrier)
         torch_us = median_us(lambda: ref.dispatch(data, **args), warmup=2, repeat=5, setup=dist.barrier)
         width = row_bytes(fmt, hidden)
         counts = count_matrix_from_prefix(d.handle.rank_prefix_matrix)
@@ -55,7 +57,7 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
         nccl_us = nccl_all_to_all_us(send, recv, width)
         remote = sum(recv) - recv[rank]
         rows.append(dict(tokens=num_tokens, format=fmt, us_cached=us_cached, us=us, us_alone=us_alone,
-                         gbps_deepep=sum(recv) * width / us_cached / 1e3,
+                         us_graph=us_graph, gbps_deepep=sum(recv) * width / us_cached / 1e3,
                          gbps_nvlink=remote * width / us_cached / 1e3, nccl_us=nccl_us,
                          vs_nccl=nccl_us / us_cached, torch_us=torch_us,
                          peer_fraction=remote * width / us_cached / 1e3 / peer_gbps, sms=num_sms,

@@ -57,3 +57,27 @@ def back_to_back_us(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))
+
+
+def graph_us(fn: Callable[[], object], *, calls: int = 5, replays: int = 10,
+             before: Callable[[], object] | None = None) -> float:
+    """Median microseconds per call of ``fn()`` replayed from a CUDA graph of ``calls`` calls: the
+    device's own time per call, with no host work between calls. ``fn`` must be capturable and
+    already warmed up; ``before`` runs once before the timed replays."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    if before is not None:
+        before()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)

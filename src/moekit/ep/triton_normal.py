@@ -97,6 +97,8 @@ class TritonDispatcher:
         self.errors = ErrorRecord(device)
         # [notify exchanges done, rounds done]: on the device so that graph replays advance them.
         self.epochs = torch.zeros(2, dtype=torch.int64, device=device)
+        self._notify_epoch, self._round_epoch = self.epochs[0:1], self.epochs[1:2]
+        self._regions: dict[tuple, tuple[int, dict[str, int]]] = {}
         self.prev_programs = 0
         self.dummy = torch.zeros(16, dtype=torch.int64, device=device)
         # recv_src_idx of this engine's num_worst_tokens dispatches (padded: more rows than were received),
@@ -116,11 +118,15 @@ class TritonDispatcher:
         self.errors.check(self.timeout_s)
 
     def _region(self, sizes: dict[str, int], what: str) -> tuple[int, dict[str, int]]:
-        capacity = _capacity(self.region_bytes, sizes)
-        if capacity < 1:
-            raise ValueError(f"num_nvl_bytes: {self.region_bytes} bytes cannot hold one {what} of "
-                             f"{sum(sizes.values())} bytes; pass a larger num_nvl_bytes to Buffer")
-        return capacity, {k: self.region_off + v for k, v in _arrays(capacity, sizes).items()}
+        """(rows the region holds, byte offset of each array), remembered per row layout."""
+        key = tuple(sizes.items())
+        if key not in self._regions:
+            capacity = _capacity(self.region_bytes, sizes)
+            if capacity < 1:
+                raise ValueError(f"num_nvl_bytes: {self.region_bytes} bytes cannot hold one {what} of "
+                                 f"{sum(sizes.values())} bytes; pass a larger num_nvl_bytes to Buffer")
+            self._regions[key] = capacity, {k: self.region_off + v for k, v in _arrays(capacity, sizes).items()}
+        return self._regions[key]
 
     def _common(self) -> dict:
         return dict(heap_ptrs=self.heap.ptrs, flags=self.flags,
@@ -137,9 +143,9 @@ class TritonDispatcher:
         if num_tokens_per_expert is not None:
             parts.append(num_tokens_per_expert.to(torch.int64))
         row = torch.cat(parts)
-        table = notify(row, self.heap.ptrs, self.table_off, self.notify_off, self.epochs[0:1], self.rank,
+        table = notify(row, self.heap.ptrs, self.table_off, self.notify_off, self._notify_epoch, self.rank,
                        self.max_wait, self.errors.address, self.interpret)
-        self.epochs[0:1].add_(1)
+        self._notify_epoch.add_(1)
         return table
 
     def dispatch(self, x: CheckedActivation, *, handle: DispatchHandle | None,
@@ -219,10 +225,10 @@ class TritonDispatcher:
             dispatch_kernels.dispatch_round(
                 x_words=x_words, scales=x.scales, topk_idx=topk_idx, topk_weights=topk_weights, in_rank=in_rank,
                 prefix=prefix, outputs=addresses, regions=regions, experts_per_rank=experts_per_rank,
-                lo=c * capacity, hi=(c + 1) * capacity, round_idx=c, out_rows=out_rows, epoch=self.epochs[1:2],
+                lo=c * capacity, hi=(c + 1) * capacity, round_idx=c, out_rows=out_rows, epoch=self._round_epoch,
                 senders=senders, receivers=receivers, prev_programs=self.prev_programs, **self._common())
             self.prev_programs = receivers
-        self.epochs[1:2].add_(num_rounds)
+        self._round_epoch.add_(num_rounds)
 
         recv_data = outputs["data"].view(x.data.dtype).view(out_rows, x.hidden)
         recv_idx, recv_weights = outputs["idx"], outputs["weights"]
@@ -267,10 +273,10 @@ class TritonDispatcher:
             combine_kernels.combine_round(
                 x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix, in_rank=in_rank,
                 biases=biases, out=out, out_weights=out_weights, regions=regions, tok_lo=c * tokens_per_round,
-                tok_hi=(c + 1) * tokens_per_round, round_idx=c, epoch=self.epochs[1:2], senders=senders,
+                tok_hi=(c + 1) * tokens_per_round, round_idx=c, epoch=self._round_epoch, senders=senders,
                 receivers=receivers, prev_programs=self.prev_programs, **self._common())
             self.prev_programs = receivers
-        self.epochs[1:2].add_(num_rounds)
+        self._round_epoch.add_(num_rounds)
         if self.interpret:
             self._check()
         return out, out_weights

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.dispatch import (NUM_WARPS, PUBLISH_EVERY, _FLAG_STRIDE, copy_rows, flag_blocks, progress_word,
                                         row_pointers, row_tiles, share, signal_peers, tokens_per_rank, wait_peers,
                                         wait_rows)
@@ -212,7 +213,7 @@ def combine_round(*, x_words: torch.Tensor, topk_weights: torch.Tensor | None, s
     num_tokens, hidden = out.shape
     num_topk = topk_weights.shape[1] if topk_weights is not None else 0
     has_weights = topk_weights is not None
-    reduce = row_tiles(hidden, _REDUCE_ELEMENTS // triton.next_power_of_2(num_ranks))  # bf16 elements, sized as words
+    reduce = row_tiles(hidden, _REDUCE_ELEMENTS // next_pow2(num_ranks))  # bf16 elements, sized as words
     bias = [b if b.numel() else dummy for b in biases] + [dummy] * (2 - len(biases))
     combine_kernel[(senders + receivers,)](
         x_words if x_words.numel() else dummy, topk_weights if has_weights and topk_weights.numel() else dummy,
@@ -222,5 +223,5 @@ def combine_round(*, x_words: torch.Tensor, topk_weights: torch.Tensor | None, s
         flags["consumed"], epoch, prev_programs, senders, rank, max_wait, error_addr, NUM_RANKS=num_ranks,
         PEERS=max(num_ranks - 1, 1), NUM_BIASES=len(biases), HAS_WEIGHTS=has_weights, **row_tiles(words),
         REDUCE_T=reduce["BLOCK_T"], REDUCE_H=reduce["BLOCK_W"], REDUCE_ALIGN=16 if hidden % 8 == 0 else 2,
-        BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), **flag_blocks(num_ranks, prev_programs), WAIT_T=_WAIT_TOKENS,
+        BLOCK_K=next_pow2(max(num_topk, 1)), **flag_blocks(num_ranks, prev_programs), WAIT_T=_WAIT_TOKENS,
         PUBLISH=PUBLISH_EVERY, INTERPRET=interpret, num_warps=NUM_WARPS)

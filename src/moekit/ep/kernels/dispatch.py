@@ -22,10 +22,13 @@ combine):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.sync import (error_pointer, op_code, peer_pointer, poll, record_timeout, signal,
                                    signal_where, wait_all_geq)
 
@@ -433,16 +436,18 @@ def dispatch_kernel(x_ptr, scales_ptr, scale_stride_t, scale_stride_c, topk_ptr,
                           BLOCK_W, ALIGN, BLOCK_S, BLOCK_K, BLOCK_R, BLOCK_Q, BLOCK_C, BLOCK_M, INTERPRET)
 
 
+@functools.cache
 def flag_blocks(num_ranks: int, num_programs: int) -> dict:
     """Block sizes of the flag waits for ``num_programs`` writers on each of ``num_ranks`` ranks."""
-    return {"BLOCK_R": triton.next_power_of_2(num_ranks), "BLOCK_P": triton.next_power_of_2(max(num_programs, 1))}
+    return {"BLOCK_R": next_pow2(num_ranks), "BLOCK_P": next_pow2(max(num_programs, 1))}
 
 
+@functools.cache
 def row_tiles(words: int, tile: int = _TILE_WORDS) -> dict:
     """Tile of rows of ``words`` 4-byte words one step moves: BLOCK_W words (a power of two that divides
     the row where one from 128 to 1024 does, so no lane idles), BLOCK_T rows, about ``tile`` words in
     all; ALIGN, the byte alignment every row has (rows start 16-byte aligned when words % 4 == 0)."""
-    block_w = min(triton.next_power_of_2(max(words, 4)), 1024)
+    block_w = min(next_pow2(max(words, 4)), 1024)
     while block_w > 128 and words % block_w:
         block_w //= 2
     return {"BLOCK_T": max(1, min(tile // block_w, 64)), "BLOCK_W": block_w, "ALIGN": 16 if words % 4 == 0 else 4}
@@ -487,7 +492,7 @@ def dispatch_round(*, x_words: torch.Tensor, scales: torch.Tensor | None, topk_i
         experts_per_rank, lo, hi, round_idx, out_rows, *(outputs[k] for k in _ARRAYS), *(regions[k] for k in _ARRAYS),
         heap_ptrs, flags["progress"], flags["start"], flags["consumed"], epoch, prev_programs, senders, rank, max_wait,
         error_addr, NUM_RANKS=num_ranks, HAS_SCALES=scales is not None, HAS_IDX=topk_idx is not None,
-        HAS_WEIGHTS=topk_weights is not None, **row_tiles(words), BLOCK_S=triton.next_power_of_2(max(num_scales, 1)),
-        BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), **flag_blocks(num_ranks, prev_programs),
-        BLOCK_Q=triton.next_power_of_2(-(-senders // receivers)), BLOCK_C=RECEIVE_WORDS, BLOCK_M=_META_BLOCK,
+        HAS_WEIGHTS=topk_weights is not None, **row_tiles(words), BLOCK_S=next_pow2(max(num_scales, 1)),
+        BLOCK_K=next_pow2(max(num_topk, 1)), **flag_blocks(num_ranks, prev_programs),
+        BLOCK_Q=next_pow2(-(-senders // receivers)), BLOCK_C=RECEIVE_WORDS, BLOCK_M=_META_BLOCK,
         PUBLISH=PUBLISH_EVERY, INTERPRET=interpret, num_warps=NUM_WARPS)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.low_latency_dispatch import TILE, wait_call
 from moekit.ep.kernels.sync import error_pointer, peer_pointer, signal
 
@@ -76,7 +77,7 @@ def launch_combine_send(x: torch.Tensor, src_info: torch.Tensor, src_slot: torch
     words = hidden // 2
     span = 4 * triton.cdiv(words, 4 * combine_send_chunks(num_max_tokens, words))  # 16-byte pieces
     chunks = triton.cdiv(words, span)
-    block = triton.next_power_of_2(span)
+    block = next_pow2(span)
     low_latency_combine_send_kernel[(e_loc, num_ranks, chunks)](
         x, src_info, src_slot, layout_range, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"],
         offsets["flags"], offsets["recv"], rank, NUM_RANKS=num_ranks, T=num_max_tokens, K=num_topk, H=hidden,
@@ -163,11 +164,11 @@ def launch_combine_receive(topk_idx: torch.Tensor, topk_weights: torch.Tensor, o
     n, hidden = out.shape
     k = topk_idx.shape[1]
     span = combine_receive_span(n, hidden)
-    block_r = triton.next_power_of_2(num_ranks)
+    block_r = next_pow2(num_ranks)
     low_latency_combine_receive_kernel[(max(n, 1), triton.cdiv(hidden, span))](
         topk_idx, topk_weights, out, n, ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"],
         offsets["recv"], rank, max_wait, error_addr, op, E_LOC=e_loc, NUM_RANKS=num_ranks, K=k, H=hidden,
-        BLOCK_R=block_r, BLOCK_W=triton.next_power_of_2(block_r + k), BLOCK=span, INTERPRET=interpret,
+        BLOCK_R=block_r, BLOCK_W=next_pow2(block_r + k), BLOCK=span, INTERPRET=interpret,
         num_warps=max(1, min(4, span // 256)))
 
 
@@ -175,5 +176,5 @@ def combine_receive_span(num_tokens: int, hidden: int) -> int:
     """Channels per program of the combine receive (a power of two): about 256 programs read at
     once, each 256 to 2048 channels (8 per thread). On 2 x H200 at T = 128, H = 7168 (2026-11-22)
     2048 channels gave a 43.7 us combine against 47.4 at 1024 and 66.4 at 512."""
-    span = triton.next_power_of_2(hidden * max(num_tokens, 1) // 256 + 1) // 2  # largest power of two <= H*N/256
-    return min(max(256, min(2048, span)), triton.next_power_of_2(hidden))
+    span = next_pow2(hidden * max(num_tokens, 1) // 256 + 1) // 2  # largest power of two <= H*N/256
+    return min(max(256, min(2048, span)), next_pow2(hidden))

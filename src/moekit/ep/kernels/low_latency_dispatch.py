@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.sync import MISMATCH, error_pointer, signal_where, wait_all
 
 _MISMATCH = tl.constexpr(MISMATCH)
@@ -220,13 +221,13 @@ def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Te
     chunks = triton.cdiv(hidden, span)
     programs = num_max_tokens * chunks
     epp = triton.cdiv(num_experts, programs)
-    block_k, block_epp = triton.next_power_of_2(k), triton.next_power_of_2(epp)
-    block_tokens = max(1, min(triton.next_power_of_2(num_max_tokens), SCAN_BLOCK // (block_k * max(block_k, block_epp))))
+    block_k, block_epp = next_pow2(k), next_pow2(epp)
+    block_tokens = max(1, min(next_pow2(num_max_tokens), SCAN_BLOCK // (block_k * max(block_k, block_epp))))
     low_latency_dispatch_send_kernel[(num_max_tokens, chunks)](
         x, topk_idx, n, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"], offsets["flags"],
         offsets["data"], offsets["header"], offsets["scales"], rank,
         E_LOC=num_experts // num_ranks, NUM_RANKS=num_ranks, T=num_max_tokens, K=k, H=hidden, CHUNKS=chunks,
-        SPAN=span, BLOCK=triton.next_power_of_2(span), BLOCK_K=block_k, BLOCK_TOKENS=block_tokens, EPP=epp,
+        SPAN=span, BLOCK=next_pow2(span), BLOCK_K=block_k, BLOCK_TOKENS=block_tokens, EPP=epp,
         BLOCK_EPP=block_epp, USE_FP8=use_fp8, ROUND_SCALE=round_scale, INTERPRET=interpret, num_warps=4)
 
 
@@ -330,13 +331,13 @@ def launch_dispatch_receive(ptrs: torch.Tensor, epochs: torch.Tensor, parity: in
                             stats: torch.Tensor | None, use_fp8: bool, use_ue8m0: bool, interpret: bool) -> None:
     """Fills the receive outputs (shapes as in ``TorchLowLatency.dispatch``) from this rank's heap."""
     row_words = (hidden if use_fp8 else 2 * hidden) // 4
-    tile_words = min(triton.next_power_of_2(row_words), 1024)  # one program per 1024 words of a row
+    tile_words = min(next_pow2(row_words), 1024)  # one program per 1024 words of a row
     low_latency_dispatch_receive_kernel[(e_loc, num_ranks, triton.cdiv(row_words, tile_words))](
         ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"], offsets["data"],
         offsets["header"], offsets["scales"], rank, max_wait, error_addr, op,
         out_data, out_scales if out_scales is not None else out_data, src_info, src_rank, src_slot, layout_range,
         recv_count, stats if stats is not None else recv_count,
-        E_LOC=e_loc, NUM_RANKS=num_ranks, T=num_max_tokens, H=hidden, BLOCK_R=triton.next_power_of_2(num_ranks),
-        BLOCK_ROWS=triton.next_power_of_2(num_max_tokens), TILE_ROWS=max(1, TILE // tile_words),
-        TILE_WORDS=tile_words, BLOCK_G=triton.next_power_of_2(max(hidden // 128, 4)), USE_FP8=use_fp8,
+        E_LOC=e_loc, NUM_RANKS=num_ranks, T=num_max_tokens, H=hidden, BLOCK_R=next_pow2(num_ranks),
+        BLOCK_ROWS=next_pow2(num_max_tokens), TILE_ROWS=max(1, TILE // tile_words),
+        TILE_WORDS=tile_words, BLOCK_G=next_pow2(max(hidden // 128, 4)), USE_FP8=use_fp8,
         USE_UE8M0=use_ue8m0, HAS_STATS=stats is not None, INTERPRET=interpret, num_warps=4)

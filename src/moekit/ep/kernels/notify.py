@@ -12,7 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moekit.ep.kernels.sync import error_pointer, op_code, peer_pointer, signal, wait_all_geq
+from moekit.ep.kernels.blocks import next_pow2
+from moekit.ep.kernels.sync import (
+    error_pointer,
+    op_code,
+    peer_pointer,
+    signal,
+    wait_all_geq,
+)
 
 OP_NOTIFY = tl.constexpr(op_code("notify"))
 
@@ -54,6 +61,6 @@ def notify(row: torch.Tensor, heap_ptrs: torch.Tensor, table_off: int, flags_off
     width = row.numel()
     out = torch.empty(num_ranks, width, dtype=torch.int64, device=row.device)
     notify_kernel[(1,)](row, width, heap_ptrs, table_off, flags_off, out, epoch, rank, max_wait, error_addr,
-                        NUM_RANKS=num_ranks, BLOCK_C=triton.next_power_of_2(width),
-                        BLOCK_R=triton.next_power_of_2(num_ranks), INTERPRET=interpret)
+                        NUM_RANKS=num_ranks, BLOCK_C=next_pow2(width),
+                        BLOCK_R=next_pow2(num_ranks), INTERPRET=interpret)
     return out
