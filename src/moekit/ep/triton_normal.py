@@ -24,13 +24,13 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from moekit.ep import validate as v
 from moekit.ep.heap import HeapLayout, SymmetricHeap, interpreting
 from moekit.ep.kernels import combine as combine_kernels, dispatch as dispatch_kernels
 from moekit.ep.kernels.notify import notify
 from moekit.ep.kernels.sync import ErrorRecord, wait_budget
 from moekit.ep.results import DispatchHandle
 from moekit.ep.torch_backend import TorchDispatcher
-from moekit.ep import validate as v
 from moekit.ep.validate import CheckedActivation
 
 # Heap bytes for rows when the Buffer asks for none (num_nvl_bytes=0, as low-latency-only users pass).

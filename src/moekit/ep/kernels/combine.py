@@ -75,7 +75,7 @@ def _combine_send(q, P, x_ptr, weights_ptr, src_idx_ptr, prefix_ptr, words, num_
                 keep = ((o < o_hi) & (t >= tok_lo) & (t < tok_hi))[:, None]
                 slot = ((t - tok_lo) * PEERS + my_slot).to(tl.int64)
                 copy_rows(x_ptr + p * words, row_pointers(heap + reg_data, slot, row_bytes, ALIGN, tl.int32), keep,
-                          keep, words, BLOCK_W, "")
+                          keep, words, BLOCK_W)
                 if HAS_WEIGHTS:
                     km = keep & (k_offs < num_topk)[None, :]
                     wdst = row_pointers(heap + reg_weights, slot, num_topk * 4, 4, tl.float32)
@@ -137,6 +137,7 @@ def _combine_reduce(r, receivers, senders, x_ptr, weights_ptr, in_rank_ptr, pref
             own_row = (own_lo + tl.sum(tl.where(ranks[None, :] == rank, place, 0), axis=1)).to(tl.int64)
             own_rows = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.bfloat16)) + own_row * hidden, ALIGN)
             first_slot = (t - tok_lo) * PEERS
+            # Loads are ".cg" (from L2): peers wrote the staged rows, and this SM's L1 may hold stale lines.
             for hb in range(0, tl.cdiv(hidden, BLOCK_H)):
                 h = hb * BLOCK_H + h_offs
                 hm = tm[:, None] & (h < hidden)[None, :]

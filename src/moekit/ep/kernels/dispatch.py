@@ -157,15 +157,14 @@ def row_pointers(base, slot, row_bytes, ALIGN: tl.constexpr, DTYPE: tl.constexpr
 
 
 @triton.jit
-def copy_rows(src, dst, load_rows, store_rows, words, BLOCK_W: tl.constexpr, CACHE: tl.constexpr):
+def copy_rows(src, dst, load_rows, store_rows, words, BLOCK_W: tl.constexpr):
     """dst[i, :words] = src[i, :words] (0 where not load_rows[i]) for each row i with store_rows[i];
-    ``src`` and ``dst`` are [BLOCK_T] int32 row pointers, the masks [BLOCK_T, 1]; ``CACHE``, the loads'
-    cache modifier (".cg" for rows peers wrote: past this SM's L1, which may hold stale lines)."""
+    ``src`` and ``dst`` are [BLOCK_T] int32 row pointers, the masks [BLOCK_T, 1]."""
     w_offs = tl.arange(0, BLOCK_W)
     for wb in range(0, tl.cdiv(words, BLOCK_W)):
         w = wb * BLOCK_W + w_offs
         wm = (w < words)[None, :]
-        tile = tl.load(src[:, None] + w[None, :], mask=load_rows & wm, other=0, cache_modifier=CACHE)
+        tile = tl.load(src[:, None] + w[None, :], mask=load_rows & wm, other=0)
         tl.store(dst[:, None] + w[None, :], tile, mask=store_rows & wm)
 
 
@@ -279,6 +278,7 @@ def _dispatch_send(q, P, x_ptr, scales_ptr, scale_stride_t, scale_stride_c, topk
 #   data[slot + lo] = region_data[slot];  likewise scales, idx, weights, src
 # Both sides are contiguous ranges of each array, so each is copied flat: the data in blocks of BLOCK_C
 # words (no per-row addresses), the four small arrays together in blocks of BLOCK_M elements.
+# Loads are ".cg" (from L2): peers wrote these rows, and this SM's L1 may hold stale lines of them.
 @triton.jit
 def _copy_received(a, b, lo, end, words, num_scales, num_topk, heap, out_data, out_scales, out_idx, out_weights,
                    out_src, reg_data, reg_scales, reg_idx, reg_weights, reg_src, HAS_SCALES: tl.constexpr,
