@@ -148,6 +148,11 @@ def test_unchunked_two_ranks_real_rows(clusters):
     clusters(2).run(check_against_torch, 9, 128, 4, 8, 1 << 16, False, False, 0, 3)
 
 
+def test_more_experts_than_the_count_exchange_carries(clusters):
+    # 2048 experts: the per-expert list is counted from the received rows instead.
+    clusters(2).run(check_against_torch, 7, 128, 4, 2048, 1 << 16, False, False, 0, 5)
+
+
 def test_timeout_names_op_rank_and_peer(clusters):
     message = clusters(2).run(check_timeout)[0]
     assert message.startswith("notify: rank 0 waited more than 1 s for rank 1"), message
