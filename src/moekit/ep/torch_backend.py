@@ -28,6 +28,11 @@ def sent_tokens(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     return is_token_in_rank.t().nonzero(as_tuple=True)[1]
 
 
+def round_up_counts(counts: list[int], alignment: int) -> list[int]:
+    """Each count rounded up to a multiple of ``alignment`` (the per-expert list's ``expert_alignment``)."""
+    return [(c + alignment - 1) // alignment * alignment for c in counts]
+
+
 class TorchDispatcher:
     """High-throughput dispatch / combine over ``group`` with collectives only."""
 
@@ -108,7 +113,7 @@ class TorchDispatcher:
         slots = torch.where(recv_idx >= 0, recv_idx, experts_per_rank).flatten()
         counts = torch.zeros(experts_per_rank + 1, dtype=torch.int64, device=recv_idx.device)
         counts.index_add_(0, slots, torch.ones_like(slots))
-        return [(c + alignment - 1) // alignment * alignment for c in counts[:experts_per_rank].tolist()]
+        return round_up_counts(counts[:experts_per_rank].tolist(), alignment)
 
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None,
                 biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

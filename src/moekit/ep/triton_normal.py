@@ -30,7 +30,7 @@ from moekit.ep.kernels import combine as combine_kernels, dispatch as dispatch_k
 from moekit.ep.kernels.notify import notify
 from moekit.ep.kernels.sync import ErrorRecord, wait_budget
 from moekit.ep.results import DispatchHandle
-from moekit.ep.torch_backend import TorchDispatcher
+from moekit.ep.torch_backend import TorchDispatcher, round_up_counts
 from moekit.ep.validate import CheckedActivation
 
 # Heap bytes for rows when the Buffer asks for none (num_nvl_bytes=0, as low-latency-only users pass).
@@ -183,9 +183,9 @@ class TritonDispatcher:
                 out_rows, max_rows, max_tokens = num_worst_tokens, num_worst_tokens, n
             else:
                 e_loc = num_experts // r if counted is not None else 0
-                mine = table[:, r + 1 + me * e_loc:r + 1 + (me + 1) * e_loc].sum(dim=0)
+                mine = [table[:, r + 1 + me * e_loc:r + 1 + (me + 1) * e_loc].sum(dim=0)] if e_loc else []
                 checks = [v.topk_range(topk_idx)] if topk_idx is not None and topk_idx.numel() else []
-                host = torch.cat([table[:, :r + 1].flatten(), is_token_in_rank.sum(dim=0).to(torch.int64), mine,
+                host = torch.cat([table[:, :r + 1].flatten(), is_token_in_rank.sum(dim=0).to(torch.int64), *mine,
                                   *checks]).tolist()
                 self._check()
                 if checks:
@@ -196,8 +196,7 @@ class TritonDispatcher:
                     raise ValueError("num_tokens_per_rank: does not match is_token_in_rank.sum(0) on rank "
                                      f"{me} ({rows[me][:-1]} vs {own})")
                 if counted is not None:
-                    per_expert_list = [(c + expert_alignment - 1) // expert_alignment * expert_alignment
-                                       for c in host[r * (r + 2):r * (r + 2) + e_loc]]
+                    per_expert_list = round_up_counts(host[r * (r + 2):r * (r + 2) + e_loc], expert_alignment)
                 totals = [sum(row[j] for row in rows) for j in range(r)]
                 out_rows, max_rows, max_tokens = totals[me], max(totals), max(row[-1] for row in rows)
         in_rank = is_token_in_rank.contiguous().view(torch.uint8)
@@ -235,8 +234,10 @@ class TritonDispatcher:
         if handle is None and num_worst_tokens:
             per_expert_list = []
         elif handle is None and per_expert_list is None:
+            # Too many experts to carry in the count exchange: count the received rows (a device read).
             per_expert_list = TorchDispatcher._aligned_counts(recv_idx, experts_per_rank, expert_alignment)
-        if self.interpret or per_expert_list:
+            self._check()
+        if self.interpret:
             self._check()
         new_handle = None
         if handle is None:
