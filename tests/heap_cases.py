@@ -55,3 +55,15 @@ def check_ring_exchange(rounds: int = 3, silent_rank: int = -1, timeout_s: float
             seen.append(str(exc))
     heap.barrier()
     return seen
+
+
+def check_peer_views() -> list:
+    """Each rank copies its rank-coded bytes into its right neighbour's heap through ``peers``; returns
+    what landed in its own heap, and that ``peers`` has one full-size view per rank."""
+    rank, world, dev = dist.get_rank(), dist.get_world_size(), _device()
+    heap = SymmetricHeap(dist.group.WORLD, 256, dev)
+    assert len(heap.peers) == world and all(p.numel() == 256 and p.dtype == torch.uint8 for p in heap.peers)
+    assert heap.peers[rank].data_ptr() == heap.local.data_ptr()
+    heap.peers[(rank + 1) % world][64:96].copy_(torch.full((32,), rank + 1, dtype=torch.uint8, device=dev))
+    heap.barrier()
+    return heap.local.cpu().tolist()

@@ -17,6 +17,13 @@ def test_ring_exchange_through_the_heap(clusters, world):
         assert seen == [_expected(rank, world)] * 3
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_peer_views_write_into_the_neighbours_heap(clusters, world):
+    for rank, got in enumerate(clusters(world).run(heap_cases.check_peer_views)):
+        left = (rank + world - 1) % world
+        assert got == [0] * 64 + [left + 1] * 32 + [0] * 160
+
+
 def test_a_wait_that_gives_up_names_op_rank_and_peer(clusters):
     results = clusters(2).run(heap_cases.check_ring_exchange, 2, 0, 1.0)
     assert results[0][-1] == "silent"

@@ -1,7 +1,8 @@
 """The triton backend's high-throughput kernels: what the backend-parametrized tests do not reach.
 
 Chunking through a small ``num_nvl_bytes``, FP8 with column-major scales, ``num_worst_tokens``
-padding, a wait that times out, and on GPUs: DeepEP's scale and a CUDA graph of the
+padding (these take the kernel-driven combine; the others, the copy-engine one), waits that time
+out, and on GPUs: DeepEP's scale and a CUDA graph of the
 ``num_worst_tokens`` path. Every result is compared with the torch backend, bit for bit.
 """
 
@@ -80,6 +81,33 @@ def check_against_torch(n: int, hidden: int, topk: int, num_experts: int, num_nv
     return int(got[5].numel())
 
 
+def check_paths_interleaved(n: int, hidden: int, num_nvl_bytes: int) -> None:
+    """Combines through the copy engines and through kernels, interleaved with dispatches on one buffer
+    (so the flags of each path follow the other's), equal the torch backend's."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    world = dist.get_world_size()
+    torch.manual_seed(11 + dist.get_rank())
+    x, _, idx, weights = _inputs(n + 3 * dist.get_rank(), hidden, 3, 4 * world, False, False, device)
+    worst = (n + 3 * world) * world  # at least every rank's received rows
+
+    def run(buf: Buffer) -> list:
+        layout = buf.get_dispatch_layout(idx, 4 * world)
+        args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                    topk_idx=idx, topk_weights=weights)
+        plain = buf.dispatch(x, **args)
+        first = buf.combine(plain.recv_x, plain.handle, topk_weights=plain.recv_topk_weights)
+        padded = buf.dispatch(x, **args, num_worst_tokens=worst)  # its handle has no host counts: kernel path
+        second = buf.combine((padded.recv_x.float() * 3).bfloat16(), padded.handle, bias=x)
+        third = buf.combine((plain.recv_x.float() * 0.5).bfloat16(), plain.handle, topk_weights=plain.recv_topk_weights)
+        return [first.combined_x, first.combined_topk_weights, second.combined_x, third.combined_x,
+                third.combined_topk_weights]
+
+    got = run(Buffer(num_nvl_bytes=num_nvl_bytes, backend="triton"))
+    want = run(Buffer(backend="torch"))
+    for i, (a, b) in enumerate(zip(got, want)):
+        _same(a, b, f"result {i}")
+
+
 def check_timeout() -> str:
     """Rank 0 dispatches alone: its count exchange gives up after 1 s and names a peer."""
     buf = Buffer(num_nvl_bytes=1 << 16, backend="triton", timeout_s=1.0)
@@ -96,6 +124,22 @@ def check_timeout() -> str:
             torch.cuda.synchronize()
             buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
                          num_tokens_per_expert=layout[2], topk_idx=idx)
+    return str(info.value)
+
+
+def check_combine_timeout() -> str:
+    """Both ranks dispatch, rank 0 combines alone: its wait for rank 1's copied rows gives up."""
+    buf = Buffer(num_nvl_bytes=1 << 16, backend="triton", timeout_s=1.0)
+    device = buf.device
+    idx = torch.tensor([[0, 2], [1, 3]], device=device)
+    layout = buf.get_dispatch_layout(idx, 4)
+    x = torch.ones(2, 128, dtype=torch.bfloat16, device=device)
+    d = buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                     topk_idx=idx)
+    if dist.get_rank() == 1:
+        return ""
+    with pytest.raises(TimeoutError) as info:
+        buf.combine(d.recv_x, d.handle)
     return str(info.value)
 
 
@@ -153,9 +197,19 @@ def test_more_experts_than_the_count_exchange_carries(clusters):
     clusters(2).run(check_against_torch, 7, 128, 4, 2048, 1 << 16, False, False, 0, 5)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_copy_and_kernel_combines_interleaved(clusters, world):
+    clusters(world).run(check_paths_interleaved, 6, 128, 1 << 16)
+
+
 def test_timeout_names_op_rank_and_peer(clusters):
     message = clusters(2).run(check_timeout)[0]
     assert message.startswith("notify: rank 0 waited more than 1 s for rank 1"), message
+
+
+def test_combine_timeout_names_op_rank_and_peer(clusters):
+    message = clusters(2).run(check_combine_timeout)[0]
+    assert message.startswith("combine: rank 0 waited more than 1 s for rank 1"), message
 
 
 @pytest.mark.gpu
@@ -169,6 +223,12 @@ def test_deepep_scale_gpu(gpu_cluster, fp8, rank_coded):
 def test_chunked_and_worst_tokens_gpu(gpu_cluster):
     worst = 1200 * gpu_cluster.world_size  # above any rank's received rows (at most 1000 per rank)
     gpu_cluster.run(check_against_torch, 1000, 7168, 8, 256, 16 << 20, True, False, worst)
+
+
+@pytest.mark.gpu
+def test_copy_and_kernel_combines_interleaved_gpu(gpu_cluster):
+    # 3000 tokens of 7168: 41 MiB of rows from the largest rank, over the copy path's threshold.
+    gpu_cluster.run(check_paths_interleaved, 3000, 7168, 1 << 30)
 
 
 @pytest.mark.gpu

@@ -31,6 +31,8 @@ class SymmetricHeap:
     Attributes:
         local: uint8 [nbytes], this rank's buffer.
         ptrs: int64 [R] on this rank's device: every rank's base address, valid in this process.
+        peers: every rank's buffer as a uint8 [nbytes] tensor of this process (``local`` for this
+            rank), for copies into peers' memory (the copy engine's path over NVLink on GPUs).
         rank, world_size, nbytes.
     """
 
@@ -44,8 +46,11 @@ class SymmetricHeap:
         self.device = device
         if device.type == "cuda":
             self.local, self.ptrs = self._map_cuda()
+            self.peers = [self.local if r == self.rank else self._handle.get_buffer(r, (nbytes,), torch.uint8)
+                          for r in range(self.world_size)]
         elif interpreting():
             self.local, self.ptrs = self._map_shared_files()
+            self.peers = self._mapped
         else:
             raise RuntimeError("a symmetric heap needs CUDA GPUs, or TRITON_INTERPRET=1 for the simulated one")
         self.local.zero_()

@@ -24,6 +24,8 @@ class DispatchHandle(NamedTuple):
         max_tokens_per_rank: the most tokens any rank of the group sent from, or ``None``. The triton
             engine sizes the rounds of cached dispatch and combine from these two without asking the
             device; engines that need no rounds leave them ``None``.
+        rank_prefix_host: ``rank_prefix_matrix`` as host ints where the dispatch read it (none with
+            ``num_worst_tokens``), else ``None``; the triton engine's combine sizes its copies with it.
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -31,6 +33,7 @@ class DispatchHandle(NamedTuple):
     is_token_in_rank: torch.Tensor
     max_recv_rows: Optional[int] = None
     max_tokens_per_rank: Optional[int] = None
+    rank_prefix_host: Optional[tuple[tuple[int, ...], ...]] = None
 
 
 class DispatchResult(NamedTuple):

@@ -6,7 +6,8 @@ A dispatch exchanges counts (:mod:`~moekit.ep.kernels.notify`), after which ever
 final row of each of its tokens at each receiver. The rows then move in rounds through the heap
 region (one round when ``num_nvl_bytes`` holds the worst case; more when it does not): each sender
 writes its rows at their final offsets, each receiver copies its region into fresh outputs. Combine
-does the reverse, summing in float32 in rank order. Cross-rank waits are timed; a wait that gives up
+does the reverse, summing in float32 in rank order; large combines send the rows back with the copy
+engines (:mod:`~moekit.ep.kernels.copy_combine`), the others with kernels. Cross-rank waits are timed; a wait that gives up
 is reported by :class:`~moekit.ep.kernels.sync.ErrorRecord` and raised as ``TimeoutError``.
 
 Host synchronisation: one read of the count table per non-cached dispatch without
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from moekit.ep import validate as v
 from moekit.ep.heap import HeapLayout, SymmetricHeap, interpreting
-from moekit.ep.kernels import combine as combine_kernels, dispatch as dispatch_kernels
+from moekit.ep.kernels import combine as combine_kernels, copy_combine, dispatch as dispatch_kernels
 from moekit.ep.kernels.notify import notify
 from moekit.ep.kernels.sync import ErrorRecord, wait_budget
 from moekit.ep.results import DispatchHandle
@@ -90,7 +91,7 @@ class TritonDispatcher:
         self.table_off = layout.add("table", (r, r + 1 + _MAX_COUNTED_EXPERTS), torch.int64)
         self.notify_off = layout.add("notify", (r,), torch.int64)
         self.flags = {name: layout.add(name, (r, dispatch_kernels.MAX_PROGRAMS), torch.int64)
-                      for name in ("progress", "start", "consumed")}
+                      for name in ("progress", "start", "consumed", "arrived")}
         self.region_bytes = settings.num_nvl_bytes or _MIN_REGION_BYTES
         self.region_off = layout.add("region", (self.region_bytes,), torch.uint8)
         self.heap = SymmetricHeap(group, layout.size, device)
@@ -101,6 +102,9 @@ class TritonDispatcher:
         self._regions: dict[tuple, tuple[int, dict[str, int]]] = {}
         self.prev_programs = 0
         self.dummy = torch.zeros(16, dtype=torch.int64, device=device)
+        # The epoch a combine's copies carry to the peers, and the stream they run on.
+        self._copy_value = torch.zeros(1, dtype=torch.int64, device=device)
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # recv_src_idx of this engine's num_worst_tokens dispatches (padded: more rows than were received),
         # by id: tensors compare elementwise, so they cannot be set members themselves.
         self._padded: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
@@ -113,6 +117,17 @@ class TritonDispatcher:
         programs = _INTERPRETED_PROGRAMS if self.interpret else Buffer.num_sms
         senders, receivers = dispatch_kernels.split_programs(programs, send_share)
         return min(senders, dispatch_kernels.MAX_PROGRAMS), min(receivers, dispatch_kernels.MAX_PROGRAMS)
+
+    def _combines_by_copy(self, handle: DispatchHandle, num_rounds: int, hidden: int) -> bool:
+        """Whether a combine goes through the copy engines (:mod:`~moekit.ep.kernels.copy_combine`):
+        where the copy sizes are known on the host, one round holds every block and, on GPUs, the
+        largest rank's rows are big enough to repay the copies' host time. Every input is the same
+        on every rank, so all ranks choose alike."""
+        if handle.rank_prefix_host is None or num_rounds != 1:
+            return False
+        # The interpreter takes the copy path whenever it can, so that the CPU tests cover it.
+        largest = (handle.max_tokens_per_rank or 0) * hidden * 2
+        return self.interpret or largest >= copy_combine.MIN_BYTES
 
     def _check(self) -> None:
         self.errors.check(self.timeout_s)
@@ -162,7 +177,7 @@ class TritonDispatcher:
         """
         self._check()
         n, me = x.num_tokens, self.rank
-        max_tokens = per_expert_list = None
+        max_tokens = per_expert_list = prefix_host = None
         if handle is not None:
             prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
             is_token_in_rank = handle.is_token_in_rank
@@ -197,7 +212,8 @@ class TritonDispatcher:
                                      f"{me} ({rows[me][:-1]} vs {own})")
                 if counted is not None:
                     per_expert_list = round_up_counts(host[r * (r + 2):r * (r + 2) + e_loc], expert_alignment)
-                totals = [sum(row[j] for row in rows) for j in range(r)]
+                prefix_host = tuple(tuple(sum(row[j] for row in rows[:i + 1]) for j in range(r)) for i in range(r))
+                totals = list(prefix_host[-1])
                 out_rows, max_rows, max_tokens = totals[me], max(totals), max(row[-1] for row in rows)
         in_rank = is_token_in_rank.contiguous().view(torch.uint8)
 
@@ -241,8 +257,8 @@ class TritonDispatcher:
             self._check()
         new_handle = None
         if handle is None:
-            new_handle = DispatchHandle(prefix, outputs["src"], is_token_in_rank,
-                                        max_recv_rows=max_rows, max_tokens_per_rank=max_tokens)
+            new_handle = DispatchHandle(prefix, outputs["src"], is_token_in_rank, max_recv_rows=max_rows,
+                                        max_tokens_per_rank=max_tokens, rank_prefix_host=prefix_host)
             if num_worst_tokens:
                 self._padded[id(outputs["src"])] = outputs["src"]
         return recv_data, outputs["scales"], recv_idx, recv_weights, per_expert_list, new_handle
@@ -270,13 +286,24 @@ class TritonDispatcher:
         prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
         biases = [b.contiguous() for b in biases]
         senders, receivers = self._programs(combine_kernels.COMBINE_SEND_SHARE)
-        for c in range(num_rounds):
-            combine_kernels.combine_round(
-                x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix, in_rank=in_rank,
-                biases=biases, out=out, out_weights=out_weights, regions=regions, tok_lo=c * tokens_per_round,
-                tok_hi=(c + 1) * tokens_per_round, round_idx=c, epoch=self._round_epoch, senders=senders,
-                receivers=receivers, prev_programs=self.prev_programs, **self._common())
-            self.prev_programs = receivers
+        if self._combines_by_copy(handle, num_rounds, hidden):
+            programs = min(senders + receivers, dispatch_kernels.MAX_PROGRAMS)
+            copy_combine.combine_by_copy(
+                x=x, topk_weights=weights, in_rank=in_rank, prefix=prefix, prefix_host=handle.rank_prefix_host,
+                biases=biases, out=out, out_weights=out_weights, regions=regions, capacity=tokens_per_round,
+                peer_heaps=self.heap.peers, epoch=self._round_epoch, value=self._copy_value,
+                copy_stream=self._copy_stream, programs=programs, prev_programs=self.prev_programs,
+                **self._common())
+            self.prev_programs = programs
+        else:
+            for c in range(num_rounds):
+                combine_kernels.combine_round(
+                    x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix,
+                    in_rank=in_rank, biases=biases, out=out, out_weights=out_weights, regions=regions,
+                    tok_lo=c * tokens_per_round, tok_hi=(c + 1) * tokens_per_round, round_idx=c,
+                    epoch=self._round_epoch, senders=senders, receivers=receivers, prev_programs=self.prev_programs,
+                    **self._common())
+                self.prev_programs = receivers
         self._round_epoch.add_(num_rounds)
         if self.interpret:
             self._check()
