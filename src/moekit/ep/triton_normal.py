@@ -7,8 +7,9 @@ final row of each of its tokens at each receiver. The rows then move in rounds t
 region (one round when ``num_nvl_bytes`` holds the worst case; more when it does not): each sender
 writes its rows at their final offsets, each receiver copies its region into fresh outputs. Combine
 does the reverse, summing in float32 in rank order; large combines send the rows back with the copy
-engines (:mod:`~moekit.ep.kernels.copy_combine`), the others with kernels. Cross-rank waits are timed; a wait that gives up
-is reported by :class:`~moekit.ep.kernels.sync.ErrorRecord` and raised as ``TimeoutError``.
+engines (:mod:`~moekit.ep.kernels.copy_combine`), the others with kernels. Cross-rank waits are
+timed; a wait that gives up is reported by :class:`~moekit.ep.kernels.sync.ErrorRecord` and raised
+as ``TimeoutError``.
 
 Host synchronisation: one read of the count table per non-cached dispatch without
 ``num_worst_tokens`` (to size the outputs, as DeepEP does) and the per-expert list; none with

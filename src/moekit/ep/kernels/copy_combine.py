@@ -52,8 +52,9 @@ def chunks_per_peer(num_ranks: int) -> int:
 
 
 # With C >= 2 chunks, chunk c < C - 1 of a block of n rows ends at row n * (1 + 3c) // (3C - 4), the
-# last at n: the first and last chunks weigh 1, the others 3. The reduce can start once the first has landed, and after the
-# last lands only its share is left to sum; the middle ones keep the copies few.
+# last at n: the first and last chunks weigh 1, the others 3. The reduce can start once the first
+# has landed, and after the last lands only its share is left to sum; the middle ones keep the
+# copies few.
 @triton.jit
 def chunk_of(row, rows, CHUNKS: tl.constexpr):
     """The chunk (int32) that row ``row`` of a block of ``rows`` rows is copied in."""
