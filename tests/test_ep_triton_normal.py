@@ -179,6 +179,39 @@ def check_cuda_graph(n: int, hidden: int, topk: int, num_experts: int) -> None:
         _same(list(outs), [d.recv_x, d.recv_topk_idx, c.combined_x, c.combined_topk_weights], f"replay {trial}")
 
 
+def check_cuda_graph_cached(n: int, hidden: int, topk: int, num_experts: int) -> None:
+    """A handle's cached dispatch and combine (at this size the copy-engine combine) captured once and
+    replayed with new rows on the same routing."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    buf = Buffer(num_nvl_bytes=1 << 30, backend="triton")
+    ref = Buffer(backend="torch")
+    torch.manual_seed(7 + dist.get_rank())
+    x, _, idx, weights = _inputs(n, hidden, topk, num_experts, False, False, device)
+    layout = buf.get_dispatch_layout(idx, num_experts)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                topk_idx=idx, topk_weights=weights)
+    d = buf.dispatch(x, **args)  # reads the counts: outside the graph
+    static_x = x.clone()
+
+    def step():
+        cached = buf.dispatch(static_x, handle=d.handle)
+        c = buf.combine((cached.recv_x.float() * 2).bfloat16(), d.handle, topk_weights=d.recv_topk_weights)
+        return cached.recv_x, c.combined_x, c.combined_topk_weights
+
+    step()  # compile and warm up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for trial in range(3):
+        static_x.copy_(torch.randn_like(x, dtype=torch.float32).bfloat16())
+        graph.replay()
+        torch.cuda.synchronize()
+        r = ref.dispatch(static_x, **args)
+        c = ref.combine((r.recv_x.float() * 2).bfloat16(), r.handle, topk_weights=r.recv_topk_weights)
+        _same(list(outs), [r.recv_x, c.combined_x, c.combined_topk_weights], f"replay {trial}")
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_chunked_three_ranks(clusters, fp8):
     # About 8 rows per round: every call runs 2 or 3 rounds through the buffer.
@@ -235,6 +268,12 @@ def test_copy_and_kernel_combines_interleaved_gpu(gpu_cluster):
 def test_timeout_gpu(gpu_cluster):
     message = gpu_cluster.run(check_timeout)[0]
     assert re.match(r"notify: rank 0 waited more than 1 s for rank [1-9]", message), message
+
+
+@pytest.mark.gpu
+def test_cuda_graph_cached_copy_combine_gpu(gpu_cluster):
+    # 3000 tokens of 7168 on every rank: over the copy path's threshold.
+    gpu_cluster.run(check_cuda_graph_cached, 3000, 7168, 8, 256)
 
 
 @pytest.mark.gpu
