@@ -143,6 +143,16 @@ def check_combine_timeout() -> str:
     return str(info.value)
 
 
+def _captured(step):
+    """(graph, outputs): ``step`` run once to compile and warm up, then captured in a CUDA graph."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs
+
+
 def check_cuda_graph(n: int, hidden: int, topk: int, num_experts: int) -> None:
     """The num_worst_tokens path captured once, replayed with new inputs of the same sizes."""
     device = torch.device("cuda", torch.cuda.current_device())
@@ -161,11 +171,7 @@ def check_cuda_graph(n: int, hidden: int, topk: int, num_experts: int) -> None:
         c = buf.combine(d.recv_x, d.handle, topk_weights=d.recv_topk_weights)
         return d.recv_x, d.recv_topk_idx, c.combined_x, c.combined_topk_weights
 
-    step()  # compile and warm up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = _captured(step)
     for trial in range(3):
         x, _, idx, weights = _inputs(n, hidden, topk, num_experts, False, False, device)
         layout = ref.get_dispatch_layout(idx, num_experts)
@@ -198,11 +204,7 @@ def check_cuda_graph_cached(n: int, hidden: int, topk: int, num_experts: int) ->
         c = buf.combine((cached.recv_x.float() * 2).bfloat16(), d.handle, topk_weights=d.recv_topk_weights)
         return cached.recv_x, c.combined_x, c.combined_topk_weights
 
-    step()  # compile and warm up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = _captured(step)
     for trial in range(3):
         static_x.copy_(torch.randn_like(x, dtype=torch.float32).bfloat16())
         graph.replay()

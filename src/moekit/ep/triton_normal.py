@@ -279,7 +279,6 @@ class TritonDispatcher:
         tokens_per_round, regions = self._region(slot, "token's returning rows")
         num_rounds = max(1, _cdiv(max_tokens, tokens_per_round))
         x = x.contiguous()
-        x_words = x.view(torch.int32) if x.numel() else x.new_empty((0, hidden // 2), dtype=torch.int32)
         weights = topk_weights.contiguous() if topk_weights is not None else None
         out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         out_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device) \
@@ -297,6 +296,7 @@ class TritonDispatcher:
                 **self._common())
             self.prev_programs = programs
         else:
+            x_words = x.view(torch.int32) if x.numel() else x.new_empty((0, hidden // 2), dtype=torch.int32)
             for c in range(num_rounds):
                 combine_kernels.combine_round(
                     x_words=x_words, topk_weights=weights, src_idx=handle.recv_src_idx, prefix=prefix,
