@@ -1,10 +1,12 @@
-"""Pieces of the benchmarks that run without a GPU: row sizes, merging rounds, the NVSHMEM heap size."""
+"""Pieces of the benchmarks that run without a GPU: row sizes, merging rounds, the NVSHMEM heap size,
+the triton backend's buffer size."""
 
 import pytest
 
-from moekit.bench._nvlink import row_bytes
+from moekit.bench._nvlink import one_round_nvl_bytes, row_bytes
 from moekit.bench._vdev import heap_bytes
 from moekit.bench.gemm import _median_row
+from moekit.ep.triton_normal import _capacity
 
 
 def test_row_bytes_bf16_and_fp8():
@@ -30,3 +32,17 @@ def test_median_row_of_one_round_is_that_round():
 def test_vdev_heap_holds_the_worst_case_rows(world):
     tokens, width = 4096, 14336
     assert heap_bytes(tokens, world, width) >= 2 * tokens * world * width  # input and output buffers
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 512, 4096])
+def test_benchmark_buffer_fits_one_round(world, tokens):
+    # The region layouts of triton_normal's dispatch (rows a rank receives) and combine (a token's
+    # returning rows from each peer); the whole num_nvl_bytes is the region.
+    hidden, topk = 7168, 8
+    region = one_round_nvl_bytes(world, tokens, hidden, topk)
+    for data, scales in ((2 * hidden, 0), (hidden, 4 * (hidden // 128))):  # bf16, FP8
+        received = {"data": data, "scales": scales, "idx": 8 * topk, "weights": 4 * topk, "src": 4}
+        assert _capacity(region, received) >= world * tokens
+    peers = world - 1
+    assert _capacity(region, {"data": 2 * hidden * peers, "weights": 4 * topk * peers}) >= tokens

@@ -31,6 +31,15 @@ def row_bytes(fmt: str, hidden: int) -> int:
     return 2 * hidden if fmt == "bf16" else hidden + 4 * (hidden // 128)
 
 
+def one_round_nvl_bytes(num_ranks: int, num_tokens: int, hidden: int, topk: int) -> int:
+    """``num_nvl_bytes`` with which a dispatch and a combine of ``num_tokens`` tokens per rank each
+    fit one round of the triton backend: a rank may receive every rank's tokens (bf16 rows or FP8
+    rows with their scales, top-k ids and weights, source index), and a combine returns rows to
+    ``num_ranks - 1`` peers. A smaller buffer splits the calls into rounds, which the benchmarks
+    would then time instead of the transfer (DeepEP's tests likewise size their buffers to fit)."""
+    return num_ranks * num_tokens * (2 * hidden + 4 * (hidden // 128) + 16 * topk + 64)
+
+
 def peer_copy_bandwidth_gbps(nbytes: int) -> float:
     """GB/s (1e9 bytes/s) one GPU pushes into the next rank's GPU with the copy engine while every
     GPU pushes at once: the practical NVLink ceiling a kernel can be measured against."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from moekit.bench._nvlink import nccl_all_to_all_us, peer_copy_bandwidth_gbps, random_routing, sweep_main
+from moekit.bench._nvlink import (nccl_all_to_all_us, one_round_nvl_bytes, peer_copy_bandwidth_gbps, random_routing,
+                                  sweep_main)
 from moekit.bench.dispatch import COLUMNS
 from moekit.bench.timing import back_to_back_us, graph_us, median_us
 from moekit.ep.torch_backend import count_matrix_from_prefix
@@ -22,7 +23,7 @@ def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: 
     Buffer.set_num_sms(num_sms)
     rank = dist.get_rank()
     x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=rank)
-    fast = Buffer(num_nvl_bytes=2 * num_tokens * (hidden * 2 + 16 * topk + 64), backend="triton")
+    fast = Buffer(num_nvl_bytes=one_round_nvl_bytes(dist.get_world_size(), num_tokens, hidden, topk), backend="triton")
     ref = Buffer(backend="torch")
     layout = fast.get_dispatch_layout(idx, num_experts)
     args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
