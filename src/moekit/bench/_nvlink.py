@@ -40,6 +40,22 @@ def one_round_nvl_bytes(num_ranks: int, num_tokens: int, hidden: int, topk: int)
     return num_ranks * num_tokens * (2 * hidden + 4 * (hidden // 128) + 16 * topk + 64)
 
 
+def ep_setup(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int):
+    """What the dispatch and combine benchmarks start from on this rank: its random routing, a
+    triton-backend Buffer holding one round (``num_sms`` SMs), a torch-backend one, and the dispatch
+    arguments from the layout. Returns (x, fast, ref, dispatch kwargs)."""
+    from moekit.ep import Buffer
+
+    Buffer.set_num_sms(num_sms)
+    x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=dist.get_rank())
+    fast = Buffer(num_nvl_bytes=one_round_nvl_bytes(dist.get_world_size(), num_tokens, hidden, topk), backend="triton")
+    ref = Buffer(backend="torch")
+    layout = fast.get_dispatch_layout(idx, num_experts)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                topk_idx=idx, topk_weights=weights)
+    return x, fast, ref, args
+
+
 def peer_copy_bandwidth_gbps(nbytes: int) -> float:
     """GB/s (1e9 bytes/s) one GPU pushes into the next rank's GPU with the copy engine while every
     GPU pushes at once: the practical NVLink ceiling a kernel can be measured against."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from moekit.bench._nvlink import (nccl_all_to_all_us, one_round_nvl_bytes, peer_copy_bandwidth_gbps, random_routing,
-                                  sweep_main)
+from moekit.bench._nvlink import ep_setup, nccl_all_to_all_us, peer_copy_bandwidth_gbps, sweep_main
 from moekit.bench.dispatch import COLUMNS
 from moekit.bench.timing import back_to_back_us, graph_us, median_us
 from moekit.ep.torch_backend import count_matrix_from_prefix
@@ -18,16 +17,8 @@ from moekit.ep.torch_backend import count_matrix_from_prefix
 
 def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
     """On each rank: combine timings for ``num_tokens`` tokens."""
-    from moekit.ep import Buffer
-
-    Buffer.set_num_sms(num_sms)
     rank = dist.get_rank()
-    x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=rank)
-    fast = Buffer(num_nvl_bytes=one_round_nvl_bytes(dist.get_world_size(), num_tokens, hidden, topk), backend="triton")
-    ref = Buffer(backend="torch")
-    layout = fast.get_dispatch_layout(idx, num_experts)
-    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
-                topk_idx=idx, topk_weights=weights)
+    x, fast, ref, args = ep_setup(num_tokens, hidden, topk, num_experts, num_sms)
     d = fast.dispatch(x, **args)
     d_ref = ref.dispatch(x, **args)
     peer_gbps = peer_copy_bandwidth_gbps(256 << 20)

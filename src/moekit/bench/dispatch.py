@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from moekit.bench._nvlink import (nccl_all_to_all_us, one_round_nvl_bytes, peer_copy_bandwidth_gbps, random_routing,
-                                  row_bytes, sweep_main)
+from moekit.bench._nvlink import ep_setup, nccl_all_to_all_us, peer_copy_bandwidth_gbps, row_bytes, sweep_main
 from moekit.bench.timing import back_to_back_us, graph_us, median_us
 from moekit.ep.torch_backend import count_matrix_from_prefix
 
@@ -30,21 +29,14 @@ COLUMNS = {"tokens": "tokens/rank", "format": "format", "us_cached": "moekit us 
 
 def measure(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int) -> list[dict]:
     """On each rank: dispatch timings for bf16 and FP8 rows of ``num_tokens`` tokens."""
-    from moekit.ep import Buffer
     from moekit.fp8 import per_token_cast_to_fp8
 
-    Buffer.set_num_sms(num_sms)
     rank = dist.get_rank()
-    x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=rank)
-    fast = Buffer(num_nvl_bytes=one_round_nvl_bytes(dist.get_world_size(), num_tokens, hidden, topk), backend="triton")
-    ref = Buffer(backend="torch")
-    layout = fast.get_dispatch_layout(idx, num_experts)
+    x, fast, ref, args = ep_setup(num_tokens, hidden, topk, num_experts, num_sms)
     peer_gbps = peer_copy_bandwidth_gbps(256 << 20)
     rows = []
     for fmt in ("bf16", "fp8"):
         data = x if fmt == "bf16" else per_token_cast_to_fp8(x)
-        args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
-                    topk_idx=idx, topk_weights=weights)
         d = fast.dispatch(data, **args)
         us_cached = back_to_back_us(lambda: fast.dispatch(data, handle=d.handle), before=dist.barrier)
         us = back_to_back_us(lambda: fast.dispatch(data, **args), before=dist.barrier)
