@@ -9,6 +9,7 @@ out, and on GPUs: DeepEP's scale and a CUDA graph of the
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -143,6 +144,34 @@ def check_combine_timeout() -> str:
     return str(info.value)
 
 
+def _round_warnings(buf: Buffer, x, args: dict) -> list:
+    """UserWarnings of two dispatches and two combines on ``buf`` (the interpreter raises others)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", UserWarning)
+        for _ in range(2):
+            d = buf.dispatch(x, **args)
+            buf.combine(d.recv_x, d.handle, topk_weights=d.recv_topk_weights)
+    return caught
+
+
+def check_round_warnings() -> tuple[list[str], list[str], list[str]]:
+    """A buffer of about 4 rows: dispatch and combine each warn once that they run in rounds, naming
+    the bytes that would hold one; a buffer of those bytes warns no more."""
+    device = torch.device("cpu")
+    torch.manual_seed(3 + dist.get_rank())
+    x, _, idx, weights = _inputs(9, 128, 2, 4, False, False, device)
+    small = Buffer(num_nvl_bytes=4 * (128 * 2 + 64), backend="triton")
+    layout = small.get_dispatch_layout(idx, 4)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
+                topk_idx=idx, topk_weights=weights)
+    caught = _round_warnings(small, x, args)
+    messages = [str(w.message) for w in caught]
+    enough = max(int(re.search(r"; (\d+) bytes would hold it in one", m).group(1)) for m in messages)
+    again = _round_warnings(Buffer(num_nvl_bytes=enough, backend="triton"), x, args)
+    return messages, [w.filename for w in caught], [str(w.message) for w in again]
+
+
 def _captured(step):
     """(graph, outputs): ``step`` run once to compile and warm up, then captured in a CUDA graph."""
     step()
@@ -235,6 +264,15 @@ def test_more_experts_than_the_count_exchange_carries(clusters):
 @pytest.mark.parametrize("world", [2, 3])
 def test_copy_and_kernel_combines_interleaved(clusters, world):
     clusters(world).run(check_paths_interleaved, 6, 128, 1 << 16)
+
+
+def test_rounds_warn_once_with_the_bytes_for_one(clusters):
+    for messages, files, again in clusters(2).run(check_round_warnings):
+        assert len(messages) == 2, messages
+        assert re.match(r"num_nvl_bytes: 1280 bytes split this dispatch into \d+ rounds", messages[0]), messages
+        assert re.match(r"num_nvl_bytes: 1280 bytes split this combine into \d+ rounds", messages[1]), messages
+        assert all(f.endswith("test_ep_triton_normal.py") for f in files), files  # points at the caller
+        assert again == [], again
 
 
 def test_timeout_names_op_rank_and_peer(clusters):

@@ -21,6 +21,7 @@ the device and grow with every round, so replays of a captured graph keep the fl
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -66,6 +67,11 @@ def _capacity(region_bytes: int, sizes: dict[str, int]) -> int:
     return max((region_bytes - 16 * len(sizes)) // sum(sizes.values()), 0)
 
 
+def _region_bytes(rows: int, sizes: dict[str, int]) -> int:
+    """Fewest region bytes that hold ``rows`` rows (the inverse of ``_capacity``)."""
+    return rows * sum(sizes.values()) + 16 * len(sizes)
+
+
 class TritonDispatcher:
     """High-throughput dispatch / combine over ``group`` with Triton kernels on a symmetric heap.
 
@@ -101,6 +107,7 @@ class TritonDispatcher:
         self.epochs = torch.zeros(2, dtype=torch.int64, device=device)
         self._notify_epoch, self._round_epoch = self.epochs[0:1], self.epochs[1:2]
         self._regions: dict[tuple, tuple[int, dict[str, int]]] = {}
+        self._warned_rounds: set[str] = set()
         self.prev_programs = 0
         self.dummy = torch.zeros(16, dtype=torch.int64, device=device)
         # The epoch a combine's copies carry to the peers, and the stream they run on.
@@ -129,6 +136,14 @@ class TritonDispatcher:
         # The interpreter takes the copy path whenever it can, so that the CPU tests cover it.
         largest = (handle.max_tokens_per_rank or 0) * hidden * 2
         return self.interpret or largest >= copy_combine.MIN_BYTES
+
+    def _warn_rounds(self, op: str, num_rounds: int, rows: int, sizes: dict[str, int]) -> None:
+        """Warns once per op that ``num_nvl_bytes`` splits calls into rounds, and what holds one."""
+        if num_rounds > 1 and op not in self._warned_rounds:
+            self._warned_rounds.add(op)
+            warnings.warn(f"num_nvl_bytes: {self.region_bytes} bytes split this {op} into {num_rounds} rounds, "
+                          f"each of which pays the transfer's start-up again; {_region_bytes(rows, sizes)} bytes would "
+                          "hold it in one", stacklevel=4)
 
     def _check(self) -> None:
         self.errors.check(self.timeout_s)
@@ -234,6 +249,7 @@ class TritonDispatcher:
                  "weights": num_topk * 4 if topk_weights is not None else 0, "src": 4}
         capacity, regions = self._region(sizes, "received row")
         num_rounds = max(1, _cdiv(max(max_rows, out_rows), capacity))
+        self._warn_rounds("dispatch", num_rounds, max(max_rows, out_rows), sizes)
         senders, receivers = self._programs(dispatch_kernels.DISPATCH_SEND_SHARE)
         experts_per_rank = num_experts // self.num_ranks if num_experts else 0
         addresses = {k: (t.data_ptr() if t is not None and t.numel() else 0) for k, t in outputs.items()}
@@ -278,6 +294,7 @@ class TritonDispatcher:
         slot = {"data": hidden * 2 * peers, "weights": num_topk * 4 * peers}
         tokens_per_round, regions = self._region(slot, "token's returning rows")
         num_rounds = max(1, _cdiv(max_tokens, tokens_per_round))
+        self._warn_rounds("combine", num_rounds, max_tokens, slot)
         x = x.contiguous()
         weights = topk_weights.contiguous() if topk_weights is not None else None
         out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
