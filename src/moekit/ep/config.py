@@ -45,6 +45,10 @@ class Config:
 
         Each channel keeps, for each peer, ``num_max_nvl_chunked_recv_tokens`` rows plus their
         metadata (top-k slots, scales, index), and a small block of counters per pair of ranks.
+        This is DeepEP's sizing, kept so that code written for it runs unchanged. moekit's triton
+        backend uses the buffer as one region for all rows a rank receives: a call that needs more
+        runs in rounds, and its first such dispatch or combine warns with the bytes that would hold
+        one round (about ``num_ranks * tokens * (hidden_bytes + 256)``).
         """
         peers = min(num_ranks, NUM_MAX_NVL_PEERS)
         channels = self.num_sms // 2
