@@ -3,10 +3,10 @@ the triton backend's buffer size."""
 
 import pytest
 
-from moekit.bench._nvlink import one_round_nvl_bytes, row_bytes
+from moekit.bench._nvlink import row_bytes
 from moekit.bench._vdev import heap_bytes
 from moekit.bench.gemm import _median_row
-from moekit.ep.triton_normal import _capacity
+from moekit.ep.triton_normal import _capacity, one_round_nvl_bytes
 
 
 def test_row_bytes_bf16_and_fp8():

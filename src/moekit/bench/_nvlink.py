@@ -31,20 +31,12 @@ def row_bytes(fmt: str, hidden: int) -> int:
     return 2 * hidden if fmt == "bf16" else hidden + 4 * (hidden // 128)
 
 
-def one_round_nvl_bytes(num_ranks: int, num_tokens: int, hidden: int, topk: int) -> int:
-    """``num_nvl_bytes`` with which a dispatch and a combine of ``num_tokens`` tokens per rank each
-    fit one round of the triton backend: a rank may receive every rank's tokens (bf16 rows or FP8
-    rows with their scales, top-k ids and weights, source index), and a combine returns rows to
-    ``num_ranks - 1`` peers. A smaller buffer splits the calls into rounds, which the benchmarks
-    would then time instead of the transfer (DeepEP's tests likewise size their buffers to fit)."""
-    return num_ranks * num_tokens * (2 * hidden + 4 * (hidden // 128) + 16 * topk + 64)
-
-
 def ep_setup(num_tokens: int, hidden: int, topk: int, num_experts: int, num_sms: int):
     """What the dispatch and combine benchmarks start from on this rank: its random routing, a
     triton-backend Buffer holding one round (``num_sms`` SMs), a torch-backend one, and the dispatch
     arguments from the layout. Returns (x, fast, ref, dispatch kwargs)."""
     from moekit.ep import Buffer
+    from moekit.ep.triton_normal import one_round_nvl_bytes
 
     Buffer.set_num_sms(num_sms)
     x, idx, weights = random_routing(num_tokens, hidden, topk, num_experts, seed=dist.get_rank())

@@ -72,6 +72,29 @@ def _region_bytes(rows: int, sizes: dict[str, int]) -> int:
     return rows * sum(sizes.values()) + 16 * len(sizes)
 
 
+def _received_row(words: int, num_scales: int, num_topk: int, has_weights: bool) -> dict[str, int]:
+    """Region bytes per row a dispatch receives: the row's 4-byte words, its float32 scales, int64
+    top-k ids, float32 top-k weights and int32 source index."""
+    return {"data": words * 4, "scales": num_scales * 4, "idx": num_topk * 8,
+            "weights": num_topk * 4 if has_weights else 0, "src": 4}
+
+
+def _returning_rows(hidden: int, num_topk: int, num_ranks: int) -> dict[str, int]:
+    """Region bytes per token of a combine: its bf16 row and weights from each peer (a token's own
+    row is read in place, not staged)."""
+    peers = max(num_ranks - 1, 1)
+    return {"data": hidden * 2 * peers, "weights": num_topk * 4 * peers}
+
+
+def one_round_nvl_bytes(num_ranks: int, num_tokens: int, hidden: int, topk: int) -> int:
+    """``num_nvl_bytes`` with which a dispatch (bf16 or FP8 with its scales, top-k ids and weights)
+    and a combine of ``num_tokens`` tokens per rank each run in one round: a rank may receive every
+    rank's tokens. A smaller buffer splits the calls into rounds."""
+    received = [_received_row(hidden // 2, 0, topk, True), _received_row(hidden // 4, hidden // 128, topk, True)]
+    return max([_region_bytes(num_ranks * num_tokens, row) for row in received]
+               + [_region_bytes(num_tokens, _returning_rows(hidden, topk, num_ranks))])
+
+
 class TritonDispatcher:
     """High-throughput dispatch / combine over ``group`` with Triton kernels on a symmetric heap.
 
@@ -245,11 +268,11 @@ class TritonDispatcher:
                    "weights": torch.empty(out_rows, num_topk, dtype=torch.float32, device=self.device)
                    if topk_weights is not None else None,
                    "src": torch.empty(out_rows, dtype=torch.int32, device=self.device)}
-        sizes = {"data": words * 4, "scales": num_scales * 4, "idx": num_topk * 8,
-                 "weights": num_topk * 4 if topk_weights is not None else 0, "src": 4}
+        sizes = _received_row(words, num_scales, num_topk, topk_weights is not None)
         capacity, regions = self._region(sizes, "received row")
-        num_rounds = max(1, _cdiv(max(max_rows, out_rows), capacity))
-        self._warn_rounds("dispatch", num_rounds, max(max_rows, out_rows), sizes)
+        rows_needed = max(max_rows, out_rows)
+        num_rounds = max(1, _cdiv(rows_needed, capacity))
+        self._warn_rounds("dispatch", num_rounds, rows_needed, sizes)
         senders, receivers = self._programs(dispatch_kernels.DISPATCH_SEND_SHARE)
         experts_per_rank = num_experts // self.num_ranks if num_experts else 0
         addresses = {k: (t.data_ptr() if t is not None and t.numel() else 0) for k, t in outputs.items()}
@@ -290,8 +313,7 @@ class TritonDispatcher:
         num_tokens, hidden = in_rank.shape[0], x.shape[1]
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         max_tokens = handle.max_tokens_per_rank if handle.max_tokens_per_rank is not None else num_tokens
-        peers = max(self.num_ranks - 1, 1)  # a token's own row is read in place, not staged
-        slot = {"data": hidden * 2 * peers, "weights": num_topk * 4 * peers}
+        slot = _returning_rows(hidden, num_topk, self.num_ranks)
         tokens_per_round, regions = self._region(slot, "token's returning rows")
         num_rounds = max(1, _cdiv(max_tokens, tokens_per_round))
         self._warn_rounds("combine", num_rounds, max_tokens, slot)
