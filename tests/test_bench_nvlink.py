@@ -22,3 +22,15 @@ def test_flags_count_the_tiles_pushed(clusters, flag_every, expected):
     for landed, flags in clusters(2).run(cases.check_push_rows, 3, flag_every, True, 32):
         assert flags == expected
         assert len(landed) == cases.ROWS
+
+
+@pytest.mark.parametrize("args, named", [(["--row-bytes", "10"], "--row-bytes"), (["--rows", "0"], "--rows"),
+                                         (["--programs", "0"], "--programs"), (["--flag-every", "-1"], "--flag-every"),
+                                         (["--repeat", "0"], "--repeat")])
+def test_bad_sizes_are_refused_before_any_gpu_work(args, named, capsys):
+    from moekit.bench import nvlink
+
+    with pytest.raises(SystemExit) as stop:
+        nvlink.main(args)
+    assert stop.value.code == 2
+    assert named in capsys.readouterr().err
