@@ -27,9 +27,10 @@ from moekit.ep.kernels.sync import error_pointer, op_code, peer_pointer, signal
 
 OP_COMBINE = tl.constexpr(op_code("combine"))
 # bf16 elements (over all ranks) a reduce step loads at once: every rank's partial tile is in flight
-# together, which is what keeps a program's reads fast; per thread at 16 warps, 32 values (more spill).
-# Measured on 2 x H200 (24 programs, 4096 tokens of 7168): tiles of 8 tokens x 1024 per rank beat
-# [2 ranks, 2 tokens, 4096] tiles with the next step's loads issued early (266 vs 321 us a combine).
+# together (and the next step's too, see sum_rows), which is what keeps a program's reads fast; per
+# thread at 16 warps, 32 values (more spill). Measured on 2 x H200 (24 programs, 4096 tokens of 7168,
+# copy-engine combine): tiles of 8 tokens x 1024 per rank took 267 us, against 266-423 us for 16 x
+# 512, 4 x 2048, 4 x 1024, 2 x 4096 and 1 x 8192, and 318-323 us for 16 x 1024 (twice the elements).
 _REDUCE_ELEMENTS = 16384
 # Of a combine's programs, the share that sends; the reducers read two rows and write one per row sent.
 COMBINE_SEND_SHARE = 0.25
@@ -49,24 +50,16 @@ def bf16_bits(value):
 # out[t] = bf16(((0 + sum over j = 0..R-1 with present[t, j] of f32(*rows[t, j])) + f32(bias0[t])) + f32(bias1[t]))
 # out_weights[t] = 0 + sum over the same j of *weight_rows[t, j] (float32 [K] rows), with HAS_WEIGHTS
 # for the tokens t of a tile, rows[t, j] and weight_rows[t, j] being the byte addresses of what rank j sent back for t.
+# A step of BLOCK_H channels loads every rank's [BLOCK_T, BLOCK_H] piece as one [BLOCK_T, BLOCK_R, BLOCK_H]
+# block while the step before is summed and stored (2-3% off a combine on 2 x H200, both paths, every
+# size measured), and picks the ranks out of it in order (a sum over the rank axis where one term is
+# not 0: exact).
 @triton.jit
-def _add_biases_and_store(acc, t, h, hm, bias0_ptr, bias1_ptr, out_ptr, hidden, NUM_BIASES: tl.constexpr):
-    """out[t, h] = bf16((acc + f32(bias0[t, h])) + f32(bias1[t, h])) for the biases there are."""
-    if NUM_BIASES >= 1:
-        acc += tl.load(bias0_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
-    if NUM_BIASES >= 2:
-        acc += tl.load(bias1_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
-    tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + t[:, None] * hidden + h[None, :], bf16_bits(acc), mask=hm)
-
-
-# The data part of sum_rows with the next step's loads in flight while a step is summed and stored:
-# every rank's [BLOCK_T, BLOCK_H] piece of a step is loaded as one [BLOCK_T, BLOCK_R, BLOCK_H] block,
-# and picked out of it rank by rank (a sum over the rank axis where one term is not 0: exact).
-@triton.jit
-def _sum_data_prefetched(rows, present, t, tm, bias0_ptr, bias1_ptr, out_ptr, hidden, NUM_RANKS: tl.constexpr,
-                         NUM_BIASES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_R: tl.constexpr, ALIGN: tl.constexpr):
-    ranks = tl.arange(0, BLOCK_R)[None, :, None]
+def sum_rows(rows, weight_rows, present, t, tm, bias0_ptr, bias1_ptr, out_ptr, out_weights_ptr, hidden, num_topk,
+             NUM_RANKS: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr):
+    ranks = tl.arange(0, BLOCK_R)
+    rank_axis = ranks[None, :, None]
     h_offs = tl.arange(0, BLOCK_H)
     bases = tl.multiple_of(rows.to(tl.pointer_type(tl.bfloat16)), [ALIGN, ALIGN])[:, :, None]
     wanted = tm[:, None, None] & present[:, :, None]
@@ -80,35 +73,14 @@ def _sum_data_prefetched(rows, present, t, tm, bias0_ptr, bias1_ptr, out_ptr, hi
                             cache_modifier=".cg")
         acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
         for j in tl.static_range(NUM_RANKS):
-            acc += tl.sum(tl.where(ranks == j, step.to(tl.float32), 0.0), axis=1)
-        _add_biases_and_store(acc, t, h, tm[:, None] & (h < hidden)[None, :], bias0_ptr, bias1_ptr, out_ptr, hidden,
-                              NUM_BIASES)
+            acc += tl.sum(tl.where(rank_axis == j, step.to(tl.float32), 0.0), axis=1)
+        hm = tm[:, None] & (h < hidden)[None, :]
+        if NUM_BIASES >= 1:
+            acc += tl.load(bias0_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
+        if NUM_BIASES >= 2:
+            acc += tl.load(bias1_ptr + t[:, None] * hidden + h[None, :], mask=hm).to(tl.float32)
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + t[:, None] * hidden + h[None, :], bf16_bits(acc), mask=hm)
         step = following
-
-
-@triton.jit
-def sum_rows(rows, weight_rows, present, t, tm, bias0_ptr, bias1_ptr, out_ptr, out_weights_ptr, hidden, num_topk,
-             NUM_RANKS: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr,
-             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr,
-             PREFETCH: tl.constexpr):
-    ranks = tl.arange(0, BLOCK_R)
-    if PREFETCH:
-        _sum_data_prefetched(rows, present, t, tm, bias0_ptr, bias1_ptr, out_ptr, hidden, NUM_RANKS, NUM_BIASES,
-                             BLOCK_T, BLOCK_H, BLOCK_R, ALIGN)
-    else:
-        h_offs = tl.arange(0, BLOCK_H)
-        for hb in range(0, tl.cdiv(hidden, BLOCK_H)):
-            h = hb * BLOCK_H + h_offs
-            hm = tm[:, None] & (h < hidden)[None, :]
-            acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-            for j in tl.static_range(NUM_RANKS):
-                pick = ranks[None, :] == j
-                here = tl.sum(tl.where(pick, present, 0), axis=1) != 0
-                row = tl.multiple_of(tl.sum(tl.where(pick, rows, 0), axis=1).to(tl.pointer_type(tl.bfloat16)), ALIGN)
-                # ".cg" (from L2): peers wrote these rows, and this SM's L1 may hold stale lines.
-                acc += tl.load(row[:, None] + h[None, :], mask=hm & here[:, None], other=0.0,
-                               cache_modifier=".cg").to(tl.float32)
-            _add_biases_and_store(acc, t, h, hm, bias0_ptr, bias1_ptr, out_ptr, hidden, NUM_BIASES)
     if HAS_WEIGHTS:
         k_offs = tl.arange(0, BLOCK_K)
         km = tm[:, None] & (k_offs < num_topk)[None, :]
@@ -217,7 +189,7 @@ def _combine_reduce(r, receivers, senders, x_ptr, weights_ptr, in_rank_ptr, pref
             weight_rows = tl.where(own, weights_ptr.to(tl.int64) + own_row[:, None] * num_topk * 4,
                                    heap + reg_weights + slot * num_topk * 4)
             sum_rows(rows, weight_rows, goes != 0, t, tm, bias0_ptr, bias1_ptr, out_ptr, out_weights_ptr, hidden,
-                     num_topk, NUM_RANKS, NUM_BIASES, HAS_WEIGHTS, BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_R, ALIGN, False)
+                     num_topk, NUM_RANKS, NUM_BIASES, HAS_WEIGHTS, BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_R, ALIGN)
     signal_peers(heap_ptrs, consumed_off, rank, r, epoch, NUM_RANKS)
 
 

@@ -45,11 +45,6 @@ COPY_CHUNKS = 4
 # against 259; at 4096 tokens (59 MB) they win both ways (448 -> 266-302 us).
 MIN_BYTES = 32 << 20
 
-# Whether each reduce step's loads are issued while the step before is summed and stored. On 2 x H200
-# (graph replays, 24 SMs) it took 2-3% off every size measured: 4096 tokens 263 -> 257 us, 8192
-# 492 -> 479, 16384 938 -> 914.
-REDUCE_PREFETCH = True
-
 
 def chunks_per_peer(num_ranks: int) -> int:
     """Chunks each peer's rows are copied in: ``COPY_CHUNKS`` shared among the peers, at least one."""
@@ -101,7 +96,7 @@ def reduce_copied_kernel(x_ptr, weights_ptr, place_ptr, in_rank_ptr, prefix_ptr,
                          arrived_off, consumed_off, epoch_ptr, rank, max_wait, error_addr, NUM_RANKS: tl.constexpr,
                          CHUNKS: tl.constexpr, NUM_BIASES: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
+                         BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
     epoch = tl.load(epoch_ptr) + 1
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -136,7 +131,7 @@ def reduce_copied_kernel(x_ptr, weights_ptr, place_ptr, in_rank_ptr, prefix_ptr,
         weight_rows = tl.where(own, weights_ptr.to(tl.int64) + (own_lo + row) * num_topk * 4,
                                heap + reg_weights + slot * num_topk * 4)
         sum_rows(rows, weight_rows, goes, t, tm, bias0_ptr, bias1_ptr, out_ptr, out_weights_ptr, hidden, num_topk,
-                 NUM_RANKS, NUM_BIASES, HAS_WEIGHTS, BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_R, ALIGN, PREFETCH)
+                 NUM_RANKS, NUM_BIASES, HAS_WEIGHTS, BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_R, ALIGN)
     signal_peers(heap_ptrs, consumed_off, rank, pid, epoch, NUM_RANKS)
 
 
@@ -222,7 +217,6 @@ def combine_by_copy(*, x: torch.Tensor, topk_weights: torch.Tensor | None, in_ra
         regions["data"], regions["weights"], heap_ptrs, flags["arrived"], flags["consumed"], epoch,
         rank, max_wait, error_addr, CHUNKS=chunks_per_peer(num_ranks), NUM_BIASES=len(biases), HAS_WEIGHTS=has_weights,
         BLOCK_T=tile["BLOCK_T"], BLOCK_H=tile["BLOCK_H"], ALIGN=tile["ALIGN"],
-        BLOCK_K=next_pow2(max(num_topk, 1)), BLOCK_R=next_pow2(num_ranks), PREFETCH=REDUCE_PREFETCH, **common,
-        num_warps=NUM_WARPS)
+        BLOCK_K=next_pow2(max(num_topk, 1)), BLOCK_R=next_pow2(num_ranks), **common, num_warps=NUM_WARPS)
     if copy_stream is not None:
         current.wait_stream(copy_stream)
