@@ -28,9 +28,10 @@ from moekit.ep.kernels.sync import error_pointer, op_code, peer_pointer, signal
 OP_COMBINE = tl.constexpr(op_code("combine"))
 # bf16 elements (over all ranks) a reduce step loads at once: every rank's partial tile is in flight
 # together (and the next step's too, see sum_rows), which is what keeps a program's reads fast; per
-# thread at 16 warps, 32 values (more spill). Measured on 2 x H200 (24 programs, 4096 tokens of 7168,
-# copy-engine combine): tiles of 8 tokens x 1024 per rank took 267 us, against 266-423 us for 16 x
-# 512, 4 x 2048, 4 x 1024, 2 x 4096 and 1 x 8192, and 318-323 us for 16 x 1024 (twice the elements).
+# thread at 16 warps, 32 values (more spill). Measured on 2 x H200 (24 programs, 4096 tokens of
+# 7168, copy-engine combine, before sum_rows loaded a step ahead): tiles of 8 tokens x 1024 per rank
+# took 267 us, against 266-423 us for 16 x 512, 4 x 2048, 4 x 1024, 2 x 4096 and 1 x 8192, and
+# 318-323 us for 16 x 1024 (twice the elements).
 _REDUCE_ELEMENTS = 16384
 # Of a combine's programs, the share that sends; the reducers read two rows and write one per row sent.
 COMBINE_SEND_SHARE = 0.25
