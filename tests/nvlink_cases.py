@@ -25,12 +25,11 @@ def check_push_rows(programs: int, flag_every: int, scatter: bool, tile_words: i
     """Pushes this rank's rows into the next rank's heap; returns (the rows that landed here, this
     heap's flag words)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    nvlink.TILE_WORDS = tile_words  # small tiles: several per program
     data_bytes = ROWS * WORDS * 4
     heap = SymmetricHeap(dist.group.WORLD, data_bytes + 8 * programs, torch.device("cpu"))
     peer_base = int(heap.ptrs[(rank + 1) % world].item())
     nvlink.push_rows(source_rows(rank), peer_base, row_order(), peer_base + data_bytes, programs, flag_every,
-                     scatter)
+                     scatter, tile_words)
     heap.barrier()
     landed = heap.local[:data_bytes].view(torch.int32).view(ROWS, WORDS).clone()
     flags = heap.local[data_bytes:].view(torch.int64).tolist()

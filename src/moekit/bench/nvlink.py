@@ -19,7 +19,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from moekit.bench._nvlink import peer_copy_bandwidth_gbps, run_sizes
 from moekit.bench.report import Report, add_output_args
+from moekit.bench.timing import median_us
 from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.sync import signal
 
@@ -28,7 +30,7 @@ TILE_WORDS = 16384
 
 
 # Program q of P copies rows [q * ceil(n / P), ...) of src [n, words] (int32) into the peer's rows
-# dst[order[i]] (order[i] = i without SCATTER), TILE_WORDS words at a time, and after every FLAG_EVERY
+# dst[order[i]] (order[i] = i without SCATTER), BLOCK_T rows x BLOCK_W words at a time, and after every FLAG_EVERY
 # row tiles sets the peer's flag word q to the number of tiles done, ordered after its stores.
 @triton.jit
 def push_rows_kernel(src_ptr, dst_addr, order_ptr, flags_addr, n_rows, words, SCATTER: tl.constexpr,
@@ -60,20 +62,19 @@ def push_rows_kernel(src_ptr, dst_addr, order_ptr, flags_addr, n_rows, words, SC
 
 
 def push_rows(src: torch.Tensor, dst_addr: int, order: torch.Tensor, flags_addr: int, programs: int,
-              flag_every: int, scatter: bool) -> None:
+              flag_every: int, scatter: bool, tile_words: int = TILE_WORDS) -> None:
     """Launches :func:`push_rows_kernel`: ``src`` int32 [n, words] (contiguous) into the rows at
     address ``dst_addr`` (another rank's heap), ``order`` int32 [n] the destination rows when
-    ``scatter``; ``flags_addr`` int64 [programs] flag words in that heap."""
+    ``scatter``; ``flags_addr`` int64 [programs] flag words in that heap; about ``tile_words``
+    words per step (a power of two)."""
     n, words = src.shape
-    block_w = min(next_pow2(words), TILE_WORDS)
+    block_w = min(next_pow2(words), tile_words)
     push_rows_kernel[(programs,)](src, dst_addr, order, flags_addr, n, words, SCATTER=scatter, FLAG_EVERY=flag_every,
-                                  BLOCK_T=max(1, TILE_WORDS // block_w), BLOCK_W=block_w, num_warps=4)
+                                  BLOCK_T=max(1, tile_words // block_w), BLOCK_W=block_w, num_warps=4)
 
 
 def measure(rows: int, row_bytes: int, programs: list[int], flag_every: list[int], repeat: int) -> list[dict]:
     """On each rank: GB/s of every (programs, pattern, flag interval) pushing into the next rank."""
-    from moekit.bench._nvlink import peer_copy_bandwidth_gbps
-    from moekit.bench.timing import median_us
     from moekit.ep.heap import SymmetricHeap
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -121,8 +122,6 @@ def main(argv: list[str]) -> int:
                      f"{args.row_bytes}")
     if min(args.programs) <= 0 or min(args.flag_every) < 0 or args.repeat <= 0:
         parser.error("--programs and --repeat must be positive and --flag-every non-negative")
-    from moekit.bench._nvlink import run_sizes
-
     rows = run_sizes("nvlink", [args.rows], measure, args.row_bytes, args.programs, args.flag_every, args.repeat,
                      ranks=args.ranks)
     world = args.ranks or torch.cuda.device_count()
