@@ -54,6 +54,8 @@ def check_bad_inputs(backend: str) -> None:
     _raises(TypeError, "config: expected moekit.ep.Config", buf.dispatch, x, config={"num_sms": 20}, **kw)
     # every rank passes the bad ids (the triton engine finds them in its count-exchange read)
     _raises(ValueError, r"topk_idx: expert ids must lie in \[-1, 8\)", buf.dispatch, x, **{**kw, "topk_idx": idx + 8})
+    _raises(ValueError, r"num_tokens_per_rank: does not match is_token_in_rank.sum\(0\) on rank", buf.dispatch, x,
+            **{**kw, "num_tokens_per_rank": lay.num_tokens_per_rank + 1})
     res = buf.dispatch(x, **kw)
     _raises(ValueError, "must be None for a cached dispatch", buf.dispatch, x, handle=res.handle, topk_idx=idx)
     _raises(ValueError, "the handle was made for 4 tokens", buf.dispatch, x[:2], handle=res.handle)

@@ -11,8 +11,9 @@ engines (:mod:`~moekit.ep.kernels.copy_combine`), the others with kernels. Cross
 timed; a wait that gives up is reported by :class:`~moekit.ep.kernels.sync.ErrorRecord` and raised
 as ``TimeoutError``.
 
-Host synchronisation: one read of the count table per non-cached dispatch without
-``num_worst_tokens`` (to size the outputs, as DeepEP does) and the per-expert list; none with
+Host synchronisation: one read per non-cached dispatch without ``num_worst_tokens``, of the summary
+the count exchange's launch builds (the counts that size the outputs, as DeepEP reads them, the
+per-expert list and the input checks; :mod:`~moekit.ep.kernels.notify`); none with
 ``num_worst_tokens``, in combine, or in a cached dispatch with a handle of this engine (one read of
 the prefix matrix for a handle made elsewhere, or a padded handle reused without padding), so those
 paths can be captured in CUDA graphs. Epochs live on
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from moekit.ep import validate as v
 from moekit.ep.heap import HeapLayout, SymmetricHeap, interpreting
 from moekit.ep.kernels import combine as combine_kernels, copy_combine, dispatch as dispatch_kernels
-from moekit.ep.kernels.notify import notify
+from moekit.ep.kernels.notify import exchange_counts
 from moekit.ep.kernels.sync import ErrorRecord, wait_budget
 from moekit.ep.results import DispatchHandle
 from moekit.ep.torch_backend import TorchDispatcher, round_up_counts
@@ -188,20 +189,6 @@ class TritonDispatcher:
                     interpret=self.interpret, dummy=self.dummy)
 
     # ------------------------------------------------------------------ dispatch
-    def _exchange_counts(self, num_tokens_per_rank: torch.Tensor, num_tokens: int,
-                         num_tokens_per_expert: torch.Tensor | None) -> torch.Tensor:
-        """int64 [R, R + 1 (+ E)]: row s is what rank s sends to each rank, its token count and, when
-        given, its tokens per expert."""
-        parts = [num_tokens_per_rank.to(torch.int64),
-                 torch.full((1,), num_tokens, dtype=torch.int64, device=self.device)]
-        if num_tokens_per_expert is not None:
-            parts.append(num_tokens_per_expert.to(torch.int64))
-        row = torch.cat(parts)
-        table = notify(row, self.heap.ptrs, self.table_off, self.notify_off, self._notify_epoch, self.rank,
-                       self.max_wait, self.errors.address, self.interpret)
-        self._notify_epoch.add_(1)
-        return table
-
     def dispatch(self, x: CheckedActivation, *, handle: DispatchHandle | None,
                  num_tokens_per_rank: torch.Tensor | None, is_token_in_rank: torch.Tensor | None,
                  topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, num_experts: int | None,
@@ -211,8 +198,8 @@ class TritonDispatcher:
 
         A dispatch without a handle reads the device once (none with ``num_worst_tokens``): the count
         table, this rank's tokens per destination, its received tokens per local expert (summed from
-        the exchanged ``num_tokens_per_expert``) and the range of ``topk_idx`` (checked here, see
-        ``validate.topk_range``).
+        the exchanged ``num_tokens_per_expert``) and the range of ``topk_idx`` (checked here), all
+        built by the count exchange's one launch.
         """
         self._check()
         n, me = x.num_tokens, self.rank
@@ -231,18 +218,19 @@ class TritonDispatcher:
         else:
             r = self.num_ranks
             counted = num_tokens_per_expert if num_experts and num_experts <= _MAX_COUNTED_EXPERTS else None
-            table = self._exchange_counts(num_tokens_per_rank, n, counted)
-            prefix = table[:, :r].cumsum(dim=0).to(torch.int32)
+            e_loc = num_experts // r if counted is not None and not num_worst_tokens else 0
+            prefix, summary = exchange_counts(
+                num_tokens_per_rank=num_tokens_per_rank, num_tokens=n, num_tokens_per_expert=counted,
+                in_rank=is_token_in_rank.contiguous().view(torch.uint8), topk_idx=topk_idx, experts_per_rank=e_loc,
+                summarize=not num_worst_tokens, heap_ptrs=self.heap.ptrs, table_off=self.table_off,
+                flags_off=self.notify_off, epoch=self._notify_epoch, rank=me, max_wait=self.max_wait,
+                error_addr=self.errors.address, interpret=self.interpret, dummy=self.dummy)
             if num_worst_tokens:
                 out_rows, max_rows, max_tokens = num_worst_tokens, num_worst_tokens, n
             else:
-                e_loc = num_experts // r if counted is not None else 0
-                mine = [table[:, r + 1 + me * e_loc:r + 1 + (me + 1) * e_loc].sum(dim=0)] if e_loc else []
-                checks = [v.topk_range(topk_idx)] if topk_idx is not None and topk_idx.numel() else []
-                host = torch.cat([table[:, :r + 1].flatten(), is_token_in_rank.sum(dim=0).to(torch.int64), *mine,
-                                  *checks]).tolist()
+                host = summary.tolist()
                 self._check()
-                if checks:
+                if topk_idx is not None and topk_idx.numel():
                     v.raise_for_topk_range(*host[-2:], num_experts)
                 rows = [host[i * (r + 1):(i + 1) * (r + 1)] for i in range(r)]
                 own = host[r * (r + 1):r * (r + 2)]
