@@ -30,6 +30,7 @@ from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.combine import OP_COMBINE, reduce_tiles, sum_rows
 from moekit.ep.kernels.dispatch import _FLAG_STRIDE, NUM_WARPS, flag_blocks, signal_peers, wait_peers
 from moekit.ep.kernels.sync import error_pointer, wait_all
+from moekit.ep.memcpy import copy_bytes
 
 # Row copies per call over all peers: each copy and its epoch copy cost the copy engine a few
 # microseconds, so more chunks start the reduce earlier but move the rows slower (2 x H200: 59 MB in
@@ -137,13 +138,14 @@ def reduce_copied_kernel(x_ptr, weights_ptr, place_ptr, in_rank_ptr, prefix_ptr,
 
 def copy_back(*, x: torch.Tensor, topk_weights: torch.Tensor | None, prefix_host: tuple[tuple[int, ...], ...],
               peer_heaps: list[torch.Tensor], regions: dict, capacity: int, arrived_off: int, value: torch.Tensor,
-              rank: int) -> None:
-    """Issues, on the current stream, the copies of every returned row into its peer's region, each
-    chunk followed by the copy of ``value`` (this call's epoch) into the peer's ``arrived`` flag.
+              rank: int, stream: int | None) -> None:
+    """Issues on ``stream`` (see :func:`~moekit.ep.memcpy.copy_bytes`) the copies of every returned row
+    into its peer's region, each chunk followed by the copy of ``value`` (this call's epoch) into the
+    peer's ``arrived`` flag.
 
     Args:
-        x: bf16 [M, H], the rows to return (this rank's received rows, in dispatch order).
-        topk_weights: float32 [M, K] or None. prefix_host: the rank prefix matrix as host ints.
+        x: bf16 [M, H], the rows to return (this rank's received rows, in dispatch order), contiguous.
+        topk_weights: float32 [M, K] (contiguous) or None. prefix_host: the rank prefix matrix as host ints.
         peer_heaps: uint8 [heap bytes] of every rank, addressable from this rank.
         regions: byte offsets of the heap arrays ``data`` and ``weights``; ``capacity`` rows per peer.
         value: int64 [1] on this rank's device, written by :func:`clear_to_copy_kernel`.
@@ -151,28 +153,24 @@ def copy_back(*, x: torch.Tensor, topk_weights: torch.Tensor | None, prefix_host
     num_ranks = len(peer_heaps)
     chunks = chunks_per_peer(num_ranks)
     row_bytes = x.shape[1] * 2
-    x_bytes = x.view(torch.uint8).view(-1)
-    weight_bytes = topk_weights.view(torch.uint8).view(-1) if topk_weights is not None else None
     weight_row = topk_weights.shape[1] * 4 if topk_weights is not None else 0
-    epoch_bytes = value.view(torch.uint8)
     for c in range(chunks):
         for step in range(1, num_ranks):
             p = (rank + step) % num_ranks
             start = prefix_host[p - 1][rank] if p > 0 else 0
             rows = prefix_host[p][rank] - start
-            heap = peer_heaps[p]
+            heap = peer_heaps[p].data_ptr()
             slot = (rank - (rank > p)) * capacity
-            if c == 0 and weight_bytes is not None and rows:
+            if c == 0 and weight_row and rows:
                 # All of a peer's weights in one copy ahead of its rows: the first chunk's epoch covers them.
-                at = regions["weights"] + slot * weight_row
-                heap[at:at + rows * weight_row].copy_(weight_bytes[start * weight_row:(start + rows) * weight_row])
+                copy_bytes(heap + regions["weights"] + slot * weight_row, topk_weights.data_ptr() + start * weight_row,
+                           rows * weight_row, stream)
             lo, hi = chunk_rows(rows, chunks, c)
             if hi <= lo:
                 continue
-            at = regions["data"] + (slot + lo) * row_bytes
-            heap[at:at + (hi - lo) * row_bytes].copy_(x_bytes[(start + lo) * row_bytes:(start + hi) * row_bytes])
-            flag = arrived_off + (rank * _FLAG_STRIDE + c) * 8
-            heap[flag:flag + 8].copy_(epoch_bytes)
+            copy_bytes(heap + regions["data"] + (slot + lo) * row_bytes, x.data_ptr() + (start + lo) * row_bytes,
+                       (hi - lo) * row_bytes, stream)
+            copy_bytes(heap + arrived_off + (rank * _FLAG_STRIDE.value + c) * 8, value.data_ptr(), 8, stream)
 
 
 def combine_by_copy(*, x: torch.Tensor, topk_weights: torch.Tensor | None, in_rank: torch.Tensor,
@@ -205,7 +203,8 @@ def combine_by_copy(*, x: torch.Tensor, topk_weights: torch.Tensor | None, in_ra
         clear_to_copy_kernel[(1,)](heap_ptrs, flags["consumed"], epoch, value, prev_programs, rank, max_wait,
                                    error_addr, **flag_blocks(num_ranks, prev_programs), **common, num_warps=4)
         copy_back(x=x, topk_weights=topk_weights, prefix_host=prefix_host, peer_heaps=peer_heaps, regions=regions,
-                  capacity=capacity, arrived_off=flags["arrived"], value=value, rank=rank)
+                  capacity=capacity, arrived_off=flags["arrived"], value=value, rank=rank,
+                  stream=copy_stream.cuda_stream if copy_stream is not None else None)
     # Scanned along the rows of the transpose: a scan down the columns of [N, R] runs one thread per column.
     place = in_rank.t().contiguous().cumsum(dim=1, dtype=torch.int32) if in_rank.numel() else dummy
     tile = reduce_tiles(hidden, num_ranks)
