@@ -34,3 +34,21 @@ def test_bad_sizes_are_refused_before_any_gpu_work(args, named, capsys):
         nvlink.main(args)
     assert stop.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_local_copy_table_picks_each_ranks_view_of_the_traffic():
+    from moekit.bench.nvlink import TRAFFIC, traffic_rows
+
+    def timings(rank):  # rank r copies at (r + 1) * 100 GB/s alone, a quarter as fast under rank 0's pushes
+        rate = {"none": 1.0, "rank 0": 0.25 if rank in (0, 1) else 1.0, "every rank": 0.5}
+        return [dict(programs=p, pushers=who, us=1.0 / f, gbps=(rank + 1) * 100 * f * p / 24)
+                for who, f in rate.items() for p in (24, 132)]
+
+    rows = traffic_rows([timings(0), timings(1), timings(2)])
+    assert [r["programs"] for r in rows] == [24] * 4 + [132] * 4
+    by = {(r["programs"], r["traffic"]): r for r in rows}
+    assert by[24, TRAFFIC["none"]]["gbps"] == 100 and by[24, TRAFFIC["none"]]["of_alone"] == 1.0
+    assert by[24, TRAFFIC["out"]]["gbps"] == 25  # rank 0's own copy while it pushes
+    assert by[24, TRAFFIC["in"]]["gbps"] == 50  # rank 1's copy while rank 0 pushes into it
+    assert by[132, TRAFFIC["both"]]["of_alone"] == 0.5
+    assert by[24, TRAFFIC["in"]]["of_alone"] == 0.25  # against rank 1's own rate alone
