@@ -1,9 +1,10 @@
-"""High-throughput combine through the copy engines: rows go back by ``cudaMemcpyAsync``, every SM reduces.
+"""High-throughput combine through the copy engines: rows go back by copy-engine copies, every SM reduces.
 
 The rows a rank returns to peer p are the block it received from p: contiguous in its input, in p's
-token order. So one copy per (peer, chunk) moves them into p's heap region at slot
-``(this rank's index among p's peers) * capacity + row``, with no SM spent on the transfer (the
-kernel-driven combine gives a quarter of its SMs to sending, and they cap it). Each chunk's copy is
+token order. So one copy per (peer, chunk), issued straight to the driver (:mod:`moekit.ep.memcpy`),
+moves them into p's heap region at slot ``(this rank's index among p's peers) * capacity + row``,
+with no SM spent on the transfer (the kernel-driven combine gives a quarter of its SMs to sending,
+and they cap it). Each chunk's copy is
 followed, on the same stream, by an 8-byte copy of this call's epoch into ``arrived[rank, chunk]`` at
 p: a stream runs its copies one after another, so the epoch lands after the rows.
 
@@ -40,10 +41,11 @@ COPY_CHUNKS = 4
 
 
 # Rows (bf16 bytes, of the rank that sent the most tokens) from which a combine goes through the
-# copy engines. Its host time is about 150 us above the kernel-driven combine's (the copies, a second
-# launch, the stream fork), which smaller combines do not earn back: on 2 x H200 (hidden 7168) at
-# 2048 tokens (29 MB) the copies cut device time 259 -> 166 us, but back-to-back calls took 338 us
-# against 259; at 4096 tokens (59 MB) they win both ways (448 -> 266-302 us).
+# copy engines. Its host time is above the kernel-driven combine's (the copies, a second launch, the
+# stream fork), which smaller combines do not earn back: on 2 x H200 (hidden 7168) at 2048 tokens
+# (29 MB) the copies cut device time 261 -> 147-149 us, but back-to-back calls took 540-563 us
+# against 270 (copies through the driver, moekit.ep.memcpy); at 4096 tokens (59 MB) they win both
+# ways (448 -> 249-259 us).
 MIN_BYTES = 32 << 20
 
 
