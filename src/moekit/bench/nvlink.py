@@ -10,9 +10,8 @@ bandwidth, measured in the same run, is the baseline.
 
 With ``--under-copy-engines`` it times instead what a design that mixes copy-engine transfers with
 kernel work meets: P programs (of 16 warps, as the EP kernels') copying the same rows within their
-own GPU, alone and while copy
-engines move data over NVLink: out of this GPU (rank 0 pushing to rank 1), into it (rank 1 seen
-while rank 0 pushes), and both ways (every rank pushing to the next).
+own GPU, alone and while copy engines move data over NVLink: out of this GPU (rank 0 pushing to
+rank 1), into it (rank 1 seen while rank 0 pushes), and both ways (every rank pushing to the next).
 """
 
 from __future__ import annotations
