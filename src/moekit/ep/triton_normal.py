@@ -31,7 +31,7 @@ import torch.distributed as dist
 from moekit.ep import validate as v
 from moekit.ep.heap import HeapLayout, SymmetricHeap, interpreting
 from moekit.ep.kernels import combine as combine_kernels, copy_combine, dispatch as dispatch_kernels
-from moekit.ep.kernels.notify import exchange_counts
+from moekit.ep.kernels.notify import exchange_counts, read_summary
 from moekit.ep.kernels.sync import ErrorRecord, wait_budget
 from moekit.ep.results import DispatchHandle
 from moekit.ep.torch_backend import TorchDispatcher, round_up_counts
@@ -204,9 +204,10 @@ class TritonDispatcher:
         self._check()
         n, me = x.num_tokens, self.rank
         max_tokens = per_expert_list = prefix_host = None
+        is_token_in_rank = handle.is_token_in_rank if handle is not None else is_token_in_rank
+        in_rank = is_token_in_rank.contiguous().view(torch.uint8)
         if handle is not None:
             prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
-            is_token_in_rank = handle.is_token_in_rank
             # A handle of this engine's unpadded dispatch has exactly the real rows: no need to ask the device.
             out_rows = handle.recv_src_idx.shape[0]
             max_rows = handle.max_recv_rows
@@ -221,28 +222,26 @@ class TritonDispatcher:
             e_loc = num_experts // r if counted is not None and not num_worst_tokens else 0
             prefix, summary = exchange_counts(
                 num_tokens_per_rank=num_tokens_per_rank, num_tokens=n, num_tokens_per_expert=counted,
-                in_rank=is_token_in_rank.contiguous().view(torch.uint8), topk_idx=topk_idx, experts_per_rank=e_loc,
+                in_rank=in_rank, topk_idx=topk_idx, experts_per_rank=e_loc,
                 summarize=not num_worst_tokens, heap_ptrs=self.heap.ptrs, table_off=self.table_off,
                 flags_off=self.notify_off, epoch=self._notify_epoch, rank=me, max_wait=self.max_wait,
                 error_addr=self.errors.address, interpret=self.interpret, dummy=self.dummy)
             if num_worst_tokens:
                 out_rows, max_rows, max_tokens = num_worst_tokens, num_worst_tokens, n
             else:
-                host = summary.tolist()
+                counts = read_summary(summary, r, e_loc)
                 self._check()
-                if topk_idx is not None and topk_idx.numel():
-                    v.raise_for_topk_range(*host[-2:], num_experts)
-                rows = [host[i * (r + 1):(i + 1) * (r + 1)] for i in range(r)]
-                own = host[r * (r + 1):r * (r + 2)]
-                if rows[me][:-1] != own:
+                if counts.topk_range is not None:
+                    v.raise_for_topk_range(*counts.topk_range, num_experts)
+                rows = counts.table
+                if rows[me][:-1] != counts.sent:
                     raise ValueError("num_tokens_per_rank: does not match is_token_in_rank.sum(0) on rank "
-                                     f"{me} ({rows[me][:-1]} vs {own})")
+                                     f"{me} ({rows[me][:-1]} vs {counts.sent})")
                 if counted is not None:
-                    per_expert_list = round_up_counts(host[r * (r + 2):r * (r + 2) + e_loc], expert_alignment)
+                    per_expert_list = round_up_counts(counts.received_per_expert, expert_alignment)
                 prefix_host = tuple(tuple(sum(row[j] for row in rows[:i + 1]) for j in range(r)) for i in range(r))
                 totals = list(prefix_host[-1])
                 out_rows, max_rows, max_tokens = totals[me], max(totals), max(row[-1] for row in rows)
-        in_rank = is_token_in_rank.contiguous().view(torch.uint8)
 
         words = x.data.shape[1] * x.data.element_size() // 4
         x_words = x.data.view(torch.int32) if x.data.numel() else x.data.new_empty((0, words), dtype=torch.int32)

@@ -10,6 +10,8 @@ a separate torch op would cost the host several microseconds.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -124,3 +126,29 @@ def exchange_counts(*, num_tokens_per_rank: torch.Tensor, num_tokens: int, num_t
                         BLOCK_R=next_pow2(num_ranks + 1), BLOCK_E=next_pow2(max(experts_per_rank, 1)),
                         INTERPRET=interpret)
     return prefix, summary
+
+
+class CountSummary(NamedTuple):
+    """A summary of :func:`exchange_counts`, read on the host.
+
+    Attributes:
+        table: [R][R + 1], row s: the rows rank s sends each rank, then its token count.
+        sent: this rank's tokens bound for each rank (is_token_in_rank.sum(0)).
+        received_per_expert: this rank's received tokens per local expert.
+        topk_range: (smallest, largest) id in ``topk_idx``, or None when it was empty or not given.
+    """
+
+    table: list[list[int]]
+    sent: list[int]
+    received_per_expert: list[int]
+    topk_range: tuple[int, int] | None
+
+
+def read_summary(summary: torch.Tensor, num_ranks: int, experts_per_rank: int) -> CountSummary:
+    """Reads ``summary`` (one device read) and splits it into its parts."""
+    values = summary.tolist()
+    r, at = num_ranks, num_ranks * (num_ranks + 1)
+    table = [values[s * (r + 1):(s + 1) * (r + 1)] for s in range(r)]
+    received = values[at + r:at + r + experts_per_rank]
+    checked = values[at + r + experts_per_rank:]
+    return CountSummary(table, values[at:at + r], received, (checked[0], checked[1]) if checked else None)
