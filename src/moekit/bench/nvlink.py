@@ -163,8 +163,9 @@ def measure_under_copy_engines(rows: int, row_bytes: int, programs: list[int], r
             if rep >= _WARMUP:
                 times[pushers, p].append(start.elapsed_time(end) * 1e3)
     torch.cuda.synchronize()
-    timings = [dict(programs=p, pushers=pushers, us=statistics.median(times[pushers, p]),
-                    gbps=src.numel() * 4 / statistics.median(times[pushers, p]) / 1e3) for pushers, p in cases]
+    medians = {case: statistics.median(times[case]) for case in cases}
+    timings = [dict(programs=p, pushers=pushers, us=medians[pushers, p],
+                    gbps=src.numel() * 4 / medians[pushers, p] / 1e3) for pushers, p in cases]
     per_rank = [None] * world
     dist.all_gather_object(per_rank, timings)
     return traffic_rows(per_rank)
