@@ -1,4 +1,4 @@
-"""The triton low-latency kernels' work splits, against the torch backend.
+"""The triton low-latency kernels' work splits, against the torch backend, and their arrival shares.
 
 The launchers pick how a kernel's work is split over programs (H-chunks per token in the dispatch
 send, per (expert, source) in the combine send, channels per program in the combine receive, the
@@ -10,7 +10,12 @@ bit for bit (``compare_with_torch``).
 from __future__ import annotations
 
 import pytest
+import torch
+import triton
+import triton.language as tl
 from test_ep_triton_low_latency import Case, compare_with_torch, hook_two_micro_batches
+
+from moekit.ep.kernels.low_latency_dispatch import arrival_share
 
 
 def with_splits(check, case: Case, send_chunks: int, scan_block: int, tile: int, combine_chunks: int,
@@ -55,3 +60,22 @@ def test_hook_with_splits(clusters):
 def test_one_token_many_experts(clusters):
     # Few programs, each signalling many experts that no token chose.
     clusters(2).run(compare_with_torch, Case(tokens=[1, 1], T=1, H=256, E=64, K=8, empty=0.0, seed=14))
+
+
+
+@triton.jit
+def _shares_kernel(out, count, BLOCK: tl.constexpr):
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    share = arrival_share(index.to(tl.int64), tl.full([BLOCK], count, tl.int64))
+    tl.store(out + index, share, mask=index < count)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 56, 4099])
+def test_arrival_shares_add_up_to_one_call(count):
+    # Whatever the count (a divisor of 1 << 32 or not), the shares of its arrivals sum to exactly
+    # one call's worth, so a flag reaches epoch << 32 on the call's last arrival and not before.
+    out = torch.full((count,), -1, dtype=torch.int64)
+    _shares_kernel[(triton.cdiv(count, 1024),)](out, count, BLOCK=1024)
+    assert int(out.sum()) == 1 << 32
+    assert int(out[0]) >= (1 << 32) // count
+    assert (out[1:] == (1 << 32) // count).all()

@@ -1,5 +1,6 @@
-"""Flag round-trip latency between two ranks' GPUs with the kernels' own primitives (``signal`` /
-``wait_geq`` at system scope): the part of a communication floor that no bandwidth hides."""
+"""Flags between the GPUs of a benchmark's ranks, with the kernels' own primitives at system scope:
+the flag round-trip latency (the part of a communication floor that no bandwidth hides) and a
+device-side barrier that lines the GPUs up before a timed call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import triton
 import triton.language as tl
 
 from moekit.ep.heap import SymmetricHeap
-from moekit.ep.kernels.sync import ErrorRecord, error_pointer, op_code, peer_pointer, signal, wait_budget, wait_geq
+from moekit.ep.kernels.sync import (ErrorRecord, error_pointer, op_code, peer_pointer, signal, signal_where,
+                                   wait_all_geq, wait_budget, wait_geq)
 
 
 # Rank 0 raises the peer's flag to base + i and waits for its own to reach it; rank 1 waits, then
@@ -51,3 +53,36 @@ def flag_round_trip_us(group: dist.ProcessGroup, device: torch.device, iters: in
     heap.barrier()
     times.sort()
     return times[len(times) // 2] if times else float("nan")
+
+
+# Rank r sets flags[r] = epoch in every rank's heap, then waits until its own flags[0..R) reached it.
+@triton.jit
+def _device_barrier(ptrs, rank, epoch, max_wait, error_addr, op, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr):
+    peer = tl.arange(0, BLOCK_R)
+    live = peer < NUM_RANKS
+    theirs = (tl.load(ptrs + peer, mask=live, other=0) + rank * 8).to(tl.pointer_type(tl.int64))
+    signal_where(theirs, tl.zeros([BLOCK_R], dtype=tl.int64) + epoch, live)
+    mine = (tl.load(ptrs + rank) + peer * 8).to(tl.pointer_type(tl.int64))
+    wait_all_geq(mine, live, epoch, peer, max_wait, error_pointer(error_addr), op, rank, False)
+
+
+class DeviceBarrier:
+    """A barrier of ``group``'s GPUs, queued on the current stream (collective; CUDA only): no GPU
+    goes past it before every GPU has reached it. The host does not wait. After a host barrier the
+    GPUs leave it within about one flag latency of each other, so a call timed right after it
+    starts on every rank at nearly the same moment."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float = 60.0) -> None:
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.heap = SymmetricHeap(group, 4096, device)
+        self.errors = ErrorRecord(device)
+        self.timeout_s = timeout_s
+        self.epoch = 0
+
+    def __call__(self) -> None:
+        self.errors.check(self.timeout_s)
+        self.epoch += 1
+        _device_barrier[(1,)](self.heap.ptrs, self.rank, self.epoch, wait_budget(self.timeout_s, False),
+                              self.errors.address, op_code("barrier"), NUM_RANKS=self.world,
+                              BLOCK_R=triton.next_power_of_2(self.world), num_warps=1)

@@ -3,16 +3,24 @@ torch backend (NCCL, eager: its per-call rank check synchronises with the host) 
 
 Per tokens-per-rank T: median latency of dispatch (FP8, per-128-channel scales) and combine (bf16,
 weighted) over graph replays; with the receive hook, the send and the receive parts apart (the
-receive timed after every rank's sends finished, so it holds no waiting). The floor is the bytes
-that cross NVLink at the busiest rank (the larger of what it sends and what it receives, counting
-pairs whose expert is on another GPU: FP8 ``H + H/128*4 + 16`` bytes each, bf16 ``2H`` back) over
-the measured peer bandwidth, plus one measured flag round trip.
+receive timed after every rank's sends finished, so it holds no waiting). Each replay is timed two
+ways. Queued (the main figure, the device's own latency, as inside a decoding step's graph): the
+GPU is held while the host queues a device-side barrier and the replay, so the time runs from the
+moment every GPU is ready. From idle: the replay is launched on an idle GPU, so the time includes
+the host's launch of the graph. Kernels: the durations of the call's kernels as the GPU's profiler
+records them, summed (how DeepEP's tests time theirs), which leaves out the graph's own overhead.
+
+The floor is the bytes that cross NVLink at the busiest rank (the larger of what it sends and what
+it receives, counting pairs whose expert is on another GPU: FP8 ``H + H/128*4 + 16`` bytes each,
+bf16 ``2H`` back) over the measured peer bandwidth, plus one measured flag round trip.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import warnings
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -29,16 +37,25 @@ def _inputs(t: int, hidden: int, experts: int, topk: int, seed: int, device: tor
     return x, idx, weights
 
 
-def _medians(steps: list[Callable[[], object]], repeat: int, settle_before: set[int]) -> list[float]:
+# Cycles the GPU sleeps before a queued step (about 0.5 ms): longer than the host takes to queue
+# the barrier and the step behind it.
+_HOLD_CYCLES = 1_000_000
+
+
+def _medians(steps: list[Callable[[], object]], repeat: int, settle_before: set[int],
+             line_up: Callable[[], object] | None = None) -> list[float]:
     """Runs ``steps`` in order ``repeat`` times (after 3 warm-up rounds); returns each one's median
     microseconds (device events). Before the steps whose index is in ``settle_before`` all ranks
-    synchronise, so those are timed without waiting for a peer."""
+    synchronise, so those are timed without waiting for a peer. ``line_up``, if given, is queued
+    before every step's start event (see :func:`_queued`)."""
     times: list[list[float]] = [[] for _ in steps]
     for step in range(repeat + 3):
         for i, run in enumerate(steps):
             if i in settle_before:
                 torch.cuda.synchronize()
                 dist.barrier()
+            if line_up is not None:
+                line_up()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
@@ -47,6 +64,42 @@ def _medians(steps: list[Callable[[], object]], repeat: int, settle_before: set[
             if step >= 3:
                 times[i].append(start.elapsed_time(end) * 1e3)
     return [statistics.median(t) for t in times]
+
+
+def _queued(barrier: Callable[[], None]) -> Callable[[], None]:
+    """A ``line_up`` for :func:`_medians`: the GPU sleeps while the host queues ``barrier`` (a
+    device-side barrier of the ranks) and the timed step, so the step's time is the device's
+    alone, from the moment every GPU reached the barrier, not from the host's launch."""
+    def line_up() -> None:
+        torch.cuda._sleep(_HOLD_CYCLES)
+        barrier()
+    return line_up
+
+
+def _kernels_us(step: Callable[[], object], line_up: Callable[[], None], repeat: int) -> float:
+    """Median over ``repeat`` queued runs of ``step`` of each of its kernels' durations (the GPU
+    profiler's records of the kernels named ``low_latency_*``), summed."""
+    durations: dict[str, list[float]] = defaultdict(list)
+    with warnings.catch_warnings():  # each profile is one cycle: its note on cycles does not apply
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            for _ in range(repeat):
+                line_up()
+                step()
+            torch.cuda.synchronize()
+    for event in profile.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.name.startswith("low_latency_"):
+            durations[event.name].append(event.time_range.elapsed_us())
+    return sum(statistics.median(d) for d in durations.values()) if durations else float("nan")
+
+
+def _tiny_graph_us(line_up: Callable[[], None], repeat: int) -> tuple[float, float]:
+    """(from idle, queued) median microseconds of a graph that holds one small kernel: what launch
+    from an idle GPU adds to a replay's time."""
+    scratch = torch.zeros(1024, device=torch.device("cuda", torch.cuda.current_device()))
+    scratch.add_(1)
+    graph = _capture([lambda: scratch.add_(1)])[0]
+    return _medians([graph.replay], repeat, set())[0], _medians([graph.replay], repeat, set(), line_up)[0]
 
 
 def _capture(fns: list[Callable[[], object]]) -> list[torch.cuda.CUDAGraph]:
@@ -60,9 +113,12 @@ def _capture(fns: list[Callable[[], object]]) -> list[torch.cuda.CUDAGraph]:
 
 
 def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, repeat: int, hook: bool,
-                  graphs: bool = True) -> list[float]:
-    """[dispatch, combine] medians, or with ``hook`` [dispatch send, receive, combine send, receive];
-    replayed from CUDA graphs, or with ``graphs=False`` called eagerly."""
+                  line_ups: tuple[Callable[[], None] | None, ...] = (None,), graphs: bool = True,
+                  kernels: bool = False) -> list[list[float]]:
+    """For each of ``line_ups`` (None: from idle), the [dispatch, combine] medians, or with ``hook``
+    [dispatch send, receive, combine send, receive]; replayed from CUDA graphs, or with
+    ``graphs=False`` called eagerly. With ``kernels``, one more list: the steps' summed kernel
+    durations (:func:`_kernels_us`), queued behind the first line-up."""
     from moekit.ep import Buffer
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -88,7 +144,10 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
         steps = [lambda: (dispatch(), state["d"].hook()), lambda: (combine(), state["c"].hook())]
     if graphs:
         steps = [g.replay for g in _capture(steps)]
-    medians = _medians(steps, repeat, settle_before={1, 3} if hook else set())
+    medians = [_medians(steps, repeat, settle_before={1, 3} if hook else set(), line_up=line_up)
+               for line_up in line_ups]
+    if kernels:
+        medians.append([_kernels_us(step, line_ups[0], repeat) for step in steps])
     torch.cuda.synchronize()
     dist.barrier()
     return medians
@@ -108,11 +167,13 @@ def _crossing_bytes(t: int, hidden: int, experts: int, topk: int) -> tuple[int, 
 
 
 def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: int) -> list[dict] | None:
-    from moekit.bench._flags import flag_round_trip_us
+    from moekit.bench._flags import DeviceBarrier, flag_round_trip_us
 
     group = dist.group.WORLD
     dev = torch.device("cuda", torch.cuda.current_device())
     round_trip = flag_round_trip_us(group, dev)
+    queued = _queued(DeviceBarrier(group, dev))
+    tiny_idle, tiny_queued = _tiny_graph_us(queued, repeat)
     try:
         from moekit.bench._nvlink import peer_copy_bandwidth_gbps
     except ImportError:
@@ -121,15 +182,21 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
         bandwidth = peer_copy_bandwidth_gbps(256 << 20)
     rows = []
     for t in tokens:
-        triton_d, triton_c = _time_backend("triton", t, hidden, experts, topk, repeat, hook=False)
-        send_d, recv_d, send_c, recv_c = _time_backend("triton", t, hidden, experts, topk, repeat, hook=True)
+        (triton_d, triton_c), (idle_d, idle_c), (kernels_d, kernels_c) = _time_backend(
+            "triton", t, hidden, experts, topk, repeat, hook=False, line_ups=(queued, None), kernels=True)
+        halves, idle_halves = _time_backend("triton", t, hidden, experts, topk, repeat, hook=True,
+                                            line_ups=(queued, None))
         # The torch backend runs eagerly: its per-call rank check synchronises with the host.
-        torch_d, torch_c = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
+        (torch_d, torch_c), = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
         bytes_d, bytes_c = _crossing_bytes(t, hidden, experts, topk)
-        row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_send_us": send_d,
-               "dispatch_recv_us": recv_d, "combine_send_us": send_c, "combine_recv_us": recv_c,
+        row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_idle_us": idle_d,
+               "combine_idle_us": idle_c, "dispatch_kernels_us": kernels_d, "combine_kernels_us": kernels_c,
                "torch_dispatch_us": torch_d, "torch_combine_us": torch_c, "dispatch_mb": bytes_d / 1e6,
-               "combine_mb": bytes_c / 1e6, "flag_rt_us": round_trip}
+               "combine_mb": bytes_c / 1e6, "flag_rt_us": round_trip,
+               "tiny_graph_idle_us": tiny_idle, "tiny_graph_queued_us": tiny_queued}
+        for name, value, idle in zip(("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"), halves,
+                                     idle_halves):
+            row[f"{name}_us"], row[f"{name}_idle_us"] = value, idle
         if bandwidth is not None:
             row["peer_gbps"] = bandwidth
             for op, nbytes in (("dispatch", bytes_d), ("combine", bytes_c)):
@@ -164,11 +231,14 @@ def main(argv: list[str]) -> int:
     report = Report(
         title=f"low-latency dispatch (FP8) / combine (bf16), {world} GPUs, H={args.hidden}, top-{args.topk}, "
               f"{args.experts} experts, CUDA-graph replay (us)",
-        columns={"tokens": "T", "dispatch_us": "dispatch", "dispatch_send_us": "d send", "dispatch_recv_us": "d recv",
-                 "dispatch_floor_us": "d floor", "dispatch_x_floor": "d / floor", "torch_dispatch_us": "torch d (eager)",
-                 "dispatch_speedup": "d speedup", "combine_us": "combine", "combine_send_us": "c send",
-                 "combine_recv_us": "c recv", "combine_floor_us": "c floor", "combine_x_floor": "c / floor",
-                 "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},
+        columns={"tokens": "T", "dispatch_us": "dispatch", "dispatch_kernels_us": "d kernels",
+                 "dispatch_send_us": "d send", "dispatch_recv_us": "d recv", "dispatch_idle_us": "d from idle",
+                 "dispatch_floor_us": "d floor", "dispatch_x_floor": "d / floor",
+                 "torch_dispatch_us": "torch d (eager)",
+                 "dispatch_speedup": "d speedup", "combine_us": "combine", "combine_kernels_us": "c kernels",
+                 "combine_send_us": "c send", "combine_recv_us": "c recv", "combine_idle_us": "c from idle",
+                 "combine_floor_us": "c floor", "combine_x_floor": "c / floor", "torch_combine_us": "torch c (eager)",
+                 "combine_speedup": "c speedup"},
         settings=vars(args) | {"ranks": world},
         rows=rows,
     )
@@ -176,6 +246,11 @@ def main(argv: list[str]) -> int:
     report.notes.append(f"flag round trip {first.get('flag_rt_us', float('nan')):.2f} us; floor = bytes crossing "
                         "NVLink at the busiest rank / peer copy bandwidth + one flag round trip; hook mode: receive "
                         "timed after every rank's sends completed")
+    report.notes.append("times are queued (the device's latency, from a device-side barrier of the ranks) unless "
+                        "marked 'from idle' (the replay launched on an idle GPU, its launch included); 'kernels': "
+                        "the call's kernel durations summed, as DeepEP's tests report; a graph of "
+                        f"one small kernel reads {first.get('tiny_graph_idle_us', float('nan')):.1f} us from idle, "
+                        f"{first.get('tiny_graph_queued_us', float('nan')):.1f} us queued")
     if rows and "dispatch_floor_us" not in first:
         report.notes.append("no floor: moekit.bench._nvlink (peer bandwidth) is not available")
     report.finish(args, x="tokens", series=["dispatch_us", "combine_us", "torch_dispatch_us", "torch_combine_us"],

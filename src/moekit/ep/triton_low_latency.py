@@ -49,14 +49,16 @@ def _align(n: int) -> int:
 class Layout:
     """Byte offsets inside one parity's half of the heap.
 
-    ``params`` int64 [R] and ``flags`` int64 [E_loc, R] sit at fixed offsets (they do not depend on
-    the sizes, so a receiver can read a peer's params even when the sizes disagree). The receive
-    area holds dispatch messages (``data``, ``header``, ``scales``) or combine rows [T, K, H] bf16;
-    ``send`` is the zero-copy combine source [E_loc, R*T, H] bf16. ``end`` is the first byte past it.
+    ``params`` int64 [R], ``flags`` int64 [E_loc, R] and ``rows`` int64 [E_loc, R] (a dispatch's row
+    count per (local expert, source)) sit at fixed offsets (they do not depend on the sizes, so a
+    receiver can read a peer's params even when the sizes disagree). The receive area holds dispatch
+    messages (``data``, ``header``, ``scales``) or combine rows [T, K, H] bf16; ``send`` is the
+    zero-copy combine source [E_loc, R*T, H] bf16. ``end`` is the first byte past it.
     """
 
     params: int
     flags: int
+    rows: int
     recv: int
     recv_bytes: int
     data: int
@@ -66,21 +68,21 @@ class Layout:
     end: int
 
     def offsets(self) -> dict[str, int]:
-        return {"params": self.params, "flags": self.flags, "recv": self.recv, "data": self.data,
-                "header": self.header, "scales": self.scales}
+        return {"params": self.params, "flags": self.flags, "rows": self.rows, "recv": self.recv,
+                "data": self.data, "header": self.header, "scales": self.scales}
 
 
 def make_layout(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: int, use_fp8: bool) -> Layout:
     """The areas of one parity; within ``config.low_latency_size_hint`` / 2 by construction."""
     t, e = num_max_tokens, num_experts
     groups = hidden // GROUP
-    recv = _align(8 * (num_ranks + e))
+    recv = _align(8 * (num_ranks + 2 * e))
     recv_bytes = _align(max(e * t * (16 + max(2 * hidden, hidden + groups * 4)), e * t * 2 * hidden))
     row_bytes = hidden if use_fp8 else 2 * hidden
     header = recv + e * t * row_bytes
     send = recv + recv_bytes
-    return Layout(params=0, flags=8 * num_ranks, recv=recv, recv_bytes=recv_bytes, data=recv, header=header,
-                  scales=header + e * t * 8, send=send, end=send + _align(e * t * 2 * hidden))
+    return Layout(params=0, flags=8 * num_ranks, rows=8 * (num_ranks + e), recv=recv, recv_bytes=recv_bytes, data=recv,
+                  header=header, scales=header + e * t * 8, send=send, end=send + _align(e * t * 2 * hidden))
 
 
 def _params(combine: bool, sizes: dict[str, int], use_fp8: bool, use_ue8m0: bool) -> int:
@@ -115,9 +117,6 @@ class TritonLowLatency:
             self.half = self.heap.nbytes // 2 // _ALIGN * _ALIGN
         # [0, p]: calls completed at parity p; [1, p]: the epoch of the call in flight there.
         self.epochs = torch.zeros((2, 2), dtype=torch.int64, device=device)
-        # Per parity, one counter per expert (or per (local expert, rank)) of the send programs that
-        # finished; the last one to arrive signals the receiver, and the counters are zero between calls.
-        self.arrivals = torch.zeros((2, 1 << _LIMITS["num_experts"]), dtype=torch.int32, device=device)
         self.errors = ErrorRecord(device)
         self.max_wait = wait_budget(self.timeout_s, self.interpret)
         self._calls = 0
@@ -161,8 +160,8 @@ class TritonLowLatency:
                                  "num_experts": num_experts, "num_topk": k}, use_fp8, use_ue8m0)
         parity, half_base = self._next_parity()
         x, topk_idx = x.contiguous(), topk_idx.contiguous()
-        launch_dispatch_send(x, topk_idx, self.heap.ptrs, self.epochs, self.arrivals[parity], parity, half_base, params,
-                             layout.offsets(), self.rank, r, t_max, num_experts, use_fp8, round_scale, self.interpret)
+        launch_dispatch_send(x, topk_idx, self.heap.ptrs, self.epochs, parity, half_base, params, layout.offsets(),
+                             self.rank, r, t_max, num_experts, use_fp8, round_scale, self.interpret)
 
         recv_data, recv_scales, recv_count, handle = empty_low_latency_outputs(
             r, t_max, hidden, num_experts, k, use_fp8, use_ue8m0, self.device)
@@ -202,7 +201,7 @@ class TritonLowLatency:
                                 "num_experts": num_experts, "num_topk": k}, False, False)
         parity, half_base = self._next_parity()
         launch_combine_send(source, handle.src_info, handle.src_slot, handle.layout_range, self.heap.ptrs, self.epochs,
-                            self.arrivals[parity], parity, half_base, params, layout.offsets(), self.rank, r, t_max, k)
+                            parity, half_base, params, layout.offsets(), self.rank, r, t_max, k)
         n = topk_idx.shape[0]
         result = out if out is not None else torch.empty((n, hidden), dtype=torch.bfloat16, device=self.device)
         target = result if result.is_contiguous() else torch.empty_like(result, memory_format=torch.contiguous_format)
@@ -227,7 +226,6 @@ class TritonLowLatency:
         self.heap.barrier()
         self.heap.local.zero_()
         self.epochs.zero_()
-        self.arrivals.zero_()
         self.errors.words.zero_()
         self._calls = 0
         self.heap.barrier()

@@ -3,9 +3,9 @@ receive (the hook: each token's weighted sum).
 
 Heap areas of one parity (see ``low_latency_dispatch``): ``params`` int64 [R], ``flags`` int64
 [E_loc, R] and, reusing the receive area, bf16 [T, K, H]: one row per (token, top-k slot) of
-this rank's tokens. ``flags[le, d]`` on rank s has one writer, rank d's last send program of
-(le, s) to finish, and holds ``epoch << 32`` once the rows of (le, s) have landed; with it rank d
-writes ``params[d]`` when le = 0.
+this rank's tokens. ``flags[le, d]`` on rank s counts the arrivals of rank d's send programs of
+(le, s), as in the dispatch: each adds its share after its rows, and the flag reaches ``epoch <<
+32`` once the rows of (le, s) have landed; program (0, s, 0) writes ``params[d]`` before its share.
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ import triton
 import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
-from moekit.ep.kernels.low_latency_dispatch import TILE, wait_call
-from moekit.ep.kernels.sync import error_pointer, peer_pointer, signal
+from moekit.ep.kernels.low_latency_dispatch import TILE, arrival_share, wait_call
+from moekit.ep.kernels.sync import error_pointer
 
 
 # ---------------------------------------------------------------------------------------------- send
 # Program (le, s, c) on rank d: rows begin..begin+n-1 of expert le's slab came from rank s
 # (layout_range[le, s] = (begin << 32) | n); words [c * SPAN, (c + 1) * SPAN) of row r go to slot
-# (src_info[r], src_slot[r]) of rank s's [T, K, H] area. Then one arrival on arrivals[le, s]; the
-# C-th (last) sets flags[le, d] on s = epoch << 32 and zeroes the counter for the next call.
+# (src_info[r], src_slot[r]) of rank s's [T, K, H] area. Then it adds arrival_share(c, C) to
+# flags[le, d] on s (C programs per (le, s)).
 @triton.jit
 def low_latency_combine_send_kernel(
-        x_ptr, src_info, src_slot, layout_range, ptrs, epochs_ptr, arrivals_ptr, parity, half_base, call_params,
-        params_off, flags_off, recv_off, rank, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr,
-        H: tl.constexpr, CHUNKS: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, TILE_ROWS: tl.constexpr):
+        x_ptr, src_info, src_slot, layout_range, ptrs, epochs_ptr, parity, half_base, call_params, params_off,
+        flags_off, recv_off, rank, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
+        CHUNKS: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, TILE_ROWS: tl.constexpr):
     le = tl.program_id(0)
     s = tl.program_id(1)
     c = tl.program_id(2)
@@ -53,33 +53,26 @@ def low_latency_combine_send_kernel(
         src = x_ptr.to(tl.pointer_type(tl.int32)) + row * WORDS
         inside = got[:, None] & live[None, :]
         tl.store(dst[:, None] + w[None, :], tl.load(src[:, None] + w[None, :], mask=inside), mask=inside)
+    if (le == 0) & (c == 0):
+        tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params)
     tl.debug_barrier()
-    # Release orders this program's stores before its arrival; acquire lets the last arrival's
-    # flag cover every earlier arrival's stores.
-    counter = arrivals_ptr + le * NUM_RANKS + s
-    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="sys") == CHUNKS - 1
-    if last:
-        tl.atomic_xchg(counter, 0, sem="relaxed")
-        if le == 0:
-            tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params)
-    tl.debug_barrier()
-    if last:
-        signal(peer_pointer(ptrs, s, half_base + flags_off + (le * NUM_RANKS + rank) * 8, tl.int64), epoch << 32)
+    # Release: this program's rows (and params) land before its share is counted.
+    tl.atomic_add((base + flags_off + (le * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64)),
+                  arrival_share(c.to(tl.int64), tl.full([], CHUNKS, tl.int64)), sem="release", scope="sys")
 
 
 def launch_combine_send(x: torch.Tensor, src_info: torch.Tensor, src_slot: torch.Tensor, layout_range: torch.Tensor,
-                        ptrs: torch.Tensor, epochs: torch.Tensor, arrivals: torch.Tensor, parity: int, half_base: int,
+                        ptrs: torch.Tensor, epochs: torch.Tensor, parity: int, half_base: int,
                         call_params: int, offsets: dict[str, int], rank: int, num_ranks: int, num_max_tokens: int,
                         num_topk: int) -> None:
-    """Sends the valid rows of ``x`` bf16 [E_loc, R*T, H] (contiguous) back to their tokens' ranks;
-    ``arrivals`` int32 [E], zero, is this parity's counters (zero again after the kernel)."""
+    """Sends the valid rows of ``x`` bf16 [E_loc, R*T, H] (contiguous) back to their tokens' ranks."""
     e_loc, _, hidden = x.shape
     words = hidden // 2
     span = 4 * triton.cdiv(words, 4 * combine_send_chunks(num_max_tokens, words))  # 16-byte pieces
     chunks = triton.cdiv(words, span)
     block = next_pow2(span)
     low_latency_combine_send_kernel[(e_loc, num_ranks, chunks)](
-        x, src_info, src_slot, layout_range, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"],
+        x, src_info, src_slot, layout_range, ptrs, epochs, parity, half_base, call_params, offsets["params"],
         offsets["flags"], offsets["recv"], rank, NUM_RANKS=num_ranks, T=num_max_tokens, K=num_topk, H=hidden,
         CHUNKS=chunks, SPAN=span, BLOCK=block, TILE_ROWS=max(1, TILE // block), num_warps=4)
 

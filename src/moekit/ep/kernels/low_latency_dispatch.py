@@ -1,16 +1,19 @@
 """Low-latency dispatch kernels: the send (with the FP8 cast fused in) and the receive (the hook).
 
 Heap areas of one parity on every rank (offsets from :class:`moekit.ep.triton_low_latency.Layout`):
-``params`` int64 [R], ``flags`` int64 [E_loc, R], and the receive area, which holds for every
-(local expert, source rank) T message slots: data [E_loc, R, T, row bytes], header int32
-[E_loc, R, T, 2] (source token, top-k slot) and float32 scales [E_loc, R, T, H/128] (FP8 only).
+``params`` int64 [R], ``flags`` int64 [E_loc, R], ``rows`` int64 [E_loc, R] and the receive
+area, which holds for every (local expert, source rank) T message slots: data [E_loc, R, T, row
+bytes], header int32 [E_loc, R, T, 2] (source token, top-k slot) and float32 scales [E_loc, R, T,
+H/128] (FP8 only).
 
-Flag ``flags[le, s]`` on rank d has one writer per call: of rank s's send programs that sent rows
-of global expert ``d * E_loc + le``, the last to finish (it counts the others' arrivals), or the
-program that stands for that expert when no token chose it; it holds ``(epoch << 32) | rows``
-once those rows have landed. The writer of ``flags[0, s]`` also writes ``params[s]``, the sizes
-rank s called with, before its flag, so that the receiver can refuse a call whose sizes disagree
-without a host collective.
+Flag ``flags[le, s]`` on rank d counts the arrivals of rank s's send programs that sent rows of
+global expert ``d * E_loc + le`` (or of the one program that stands for that expert when no token
+chose it): each adds its share, with release ordering, straight after its own rows, and the
+shares of one call add up to exactly ``1 << 32`` (:func:`arrival_share`). So the flag reaches
+``epoch << 32`` once every row of the call has landed, with no program waiting for another. The
+first of those programs writes the row count into ``rows[le, s]`` before its share; the first of
+``flags[0, s]``'s also writes ``params[s]``, the sizes rank s called with, so that the receiver
+can refuse a call whose sizes disagree without a host collective.
 
 The epoch of a call lives on the device (CUDA graphs replay the same kernel arguments):
 ``epochs[0, p]`` counts the calls completed at parity p, the send reads it and publishes the
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
-from moekit.ep.kernels.sync import MISMATCH, error_pointer, signal_where, wait_all
+from moekit.ep.kernels.sync import MISMATCH, error_pointer, wait_all
 
 _MISMATCH = tl.constexpr(MISMATCH)
 
@@ -68,6 +71,19 @@ def fp8_cast_groups(v, ROUND_SCALE: tl.constexpr, INTERPRET: tl.constexpr):
     return data, scale
 
 
+# What one call's arrivals on a flag add up to: the flag's value after the call with epoch p is
+# p << 32, and before its last arrival less than that.
+_CALL_SHARES = tl.constexpr(1 << 32)
+
+
+@triton.jit
+def arrival_share(index, count):
+    """The share that arrival ``index`` of ``count`` (int64 tensors, count >= 1) adds to a flag: the
+    shares of all ``count`` arrivals add up to exactly one call's worth (``1 << 32``), whatever their
+    order."""
+    return _CALL_SHARES // count + tl.where(index == 0, _CALL_SHARES % count, 0)
+
+
 @triton.jit
 def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_mask, peers, epoch, max_wait, error, op,
               rank, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
@@ -104,14 +120,14 @@ def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_m
 # slot k with e = topk_idx[t, k] >= 0 (owner d = e // E_loc, le = e % E_loc), row i = #{t' < t :
 # e in topk_idx[t']} (token order) of slot area (le, s) on d gets data = x[t] (bf16) or
 # e4m3(x[t] / scale) with scale per 128 channels (cast once for all k), scales, header (t, k).
-# Then one arrival on arrivals[e]; the arrival that completes the expert's count_e * C (count_e =
-# #{t : e in topk_idx[t]}, C chunks per token) sets flags[le, s] on d = (epoch << 32) | count_e
-# and zeroes the counter for the next call. Experts with count_e = 0 get no arrival: program
-# q = t * C + c sets the flags of experts q * EPP .. q * EPP + EPP - 1 that no token chose.
+# Then it adds arrival_share(i * C + c, count_e * C) to flags[le, s] on d (count_e = #{t : e in
+# topk_idx[t]}, C chunks per token); arrival 0 first writes rows[le, s] = count_e. Experts with
+# count_e = 0: program q = t * C + c stands for experts q * EPP .. q * EPP + EPP - 1 that no token
+# chose, writes their rows word 0 and adds a whole call's share.
 @triton.jit
 def low_latency_dispatch_send_kernel(
-        x_ptr, topk_ptr, num_tokens, ptrs, epochs_ptr, arrivals_ptr, parity, half_base, call_params, params_off,
-        flags_off, data_off, header_off, scales_off, rank,
+        x_ptr, topk_ptr, num_tokens, ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off,
+        rows_off, data_off, header_off, scales_off, rank,
         E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
         CHUNKS: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_TOKENS: tl.constexpr, EPP: tl.constexpr, BLOCK_EPP: tl.constexpr, USE_FP8: tl.constexpr,
@@ -175,25 +191,26 @@ def low_latency_dispatch_send_kernel(
     header = (base + header_off + row * 8).to(tl.pointer_type(tl.int32))
     tl.store(header[:, None] + two[None, :], tl.where(two[None, :] == 0, t, kk[:, None]),
              mask=valid[:, None] & (c == 0))
-    tl.debug_barrier()
-    # Release orders this program's stores before its arrival; acquire lets the last arrival's
-    # flag cover every earlier arrival's stores.
-    old = tl.atomic_add(arrivals_ptr + tl.where(valid, ids, 0), tl.full([BLOCK_K], 1, tl.int32), mask=valid,
-                        sem="acq_rel", scope="sys")
-    last = valid & (old == count * CHUNKS - 1)
-    tl.atomic_xchg(arrivals_ptr + tl.where(valid, ids, 0), tl.zeros([BLOCK_K], dtype=tl.int32), mask=last,
-                   sem="relaxed")
+    arrival = before.to(tl.int64) * CHUNKS + c
+    first = valid & (arrival == 0)
     empty = mine & (count_mine == 0)
     base_mine = tl.load(ptrs + tl.where(mine, ee // E_LOC, 0)) + half_base
     le_mine = ee % E_LOC
-    tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params, mask=last & (le == 0))
+    word = (le * NUM_RANKS + rank) * 8
+    word_mine = (le_mine * NUM_RANKS + rank) * 8
+    tl.store((base + rows_off + word).to(tl.pointer_type(tl.int64)), count.to(tl.int64), mask=first)
+    tl.store((base_mine + rows_off + word_mine).to(tl.pointer_type(tl.int64)), tl.zeros([BLOCK_EPP], dtype=tl.int64),
+             mask=empty)
+    tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params, mask=first & (le == 0))
     tl.store((base_mine + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params,
              mask=empty & (le_mine == 0))
     tl.debug_barrier()
-    signal_where((base + flags_off + (le * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64)),
-                 (epoch << 32) | count.to(tl.int64), last)
-    signal_where((base_mine + flags_off + (le_mine * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64)),
-                 tl.zeros([BLOCK_EPP], dtype=tl.int64) + (epoch << 32), empty)
+    # Release: this program's rows (and the words above) land before its share is counted.
+    tl.atomic_add((base + flags_off + word).to(tl.pointer_type(tl.int64)),
+                  arrival_share(arrival, tl.maximum(count, 1).to(tl.int64) * CHUNKS), mask=valid, sem="release",
+                  scope="sys")
+    tl.atomic_add((base_mine + flags_off + word_mine).to(tl.pointer_type(tl.int64)),
+                  tl.full([BLOCK_EPP], _CALL_SHARES, tl.int64), mask=empty, sem="release", scope="sys")
 
 
 # Elements of one step of the send's scan of the top-k ids (tokens x K x experts compared), and
@@ -208,12 +225,11 @@ def send_chunks(num_max_tokens: int, hidden: int) -> int:
     return max(1, min(triton.cdiv(512, num_max_tokens), triton.cdiv(hidden, 128)))
 
 
-def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Tensor, epochs: torch.Tensor,
-                         arrivals: torch.Tensor, parity: int, half_base: int, call_params: int, offsets: dict[str, int],
-                         rank: int, num_ranks: int, num_max_tokens: int, num_experts: int, use_fp8: bool,
-                         round_scale: bool, interpret: bool) -> None:
-    """Sends every (token, expert) pair of ``x`` bf16 [N, H] routed by ``topk_idx`` int64 [N, K];
-    ``arrivals`` int32 [E], zero, is this parity's counters (zero again after the kernel)."""
+def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Tensor, epochs: torch.Tensor, parity: int,
+                         half_base: int, call_params: int, offsets: dict[str, int], rank: int, num_ranks: int,
+                         num_max_tokens: int, num_experts: int, use_fp8: bool, round_scale: bool,
+                         interpret: bool) -> None:
+    """Sends every (token, expert) pair of ``x`` bf16 [N, H] routed by ``topk_idx`` int64 [N, K]."""
     n, hidden = x.shape
     k = topk_idx.shape[1]
     chunks = send_chunks(num_max_tokens, hidden)
@@ -224,8 +240,8 @@ def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Te
     block_k, block_epp = next_pow2(k), next_pow2(epp)
     block_tokens = max(1, min(next_pow2(num_max_tokens), SCAN_BLOCK // (block_k * max(block_k, block_epp))))
     low_latency_dispatch_send_kernel[(num_max_tokens, chunks)](
-        x, topk_idx, n, ptrs, epochs, arrivals, parity, half_base, call_params, offsets["params"], offsets["flags"],
-        offsets["data"], offsets["header"], offsets["scales"], rank,
+        x, topk_idx, n, ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"],
+        offsets["rows"], offsets["data"], offsets["header"], offsets["scales"], rank,
         E_LOC=num_experts // num_ranks, NUM_RANKS=num_ranks, T=num_max_tokens, K=k, H=hidden, CHUNKS=chunks,
         SPAN=span, BLOCK=next_pow2(span), BLOCK_K=block_k, BLOCK_TOKENS=block_tokens, EPP=epp,
         BLOCK_EPP=block_epp, USE_FP8=use_fp8, ROUND_SCALE=round_scale, INTERPRET=interpret, num_warps=4)
@@ -233,7 +249,7 @@ def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Te
 
 # ------------------------------------------------------------------------------------------- receive
 # Program (le, s, c) on rank d, after flags[0, :] and flags[le, :] reached this call's epoch:
-#   n_s = rows from source s, begin = sum(n_{s'} for s' < s); slab rows begin + j (j < n_s) of
+#   n_s = rows[le, s], begin = sum(n_{s'} for s' < s); slab rows begin + j (j < n_s) of
 #   expert le = message slot (le, s, j): data words [c * TILE_WORDS, (c + 1) * TILE_WORDS), and
 #   (c = 0) scales (UE8M0: exponent bytes, four per int32), src_info = header token, src_rank = s,
 #   src_slot = header slot, layout_range[le, s] = (begin << 32) | n_s. Program (le, R - 1, 0)
@@ -241,8 +257,8 @@ def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Te
 #   src_rank / src_slot with -1.
 @triton.jit
 def low_latency_dispatch_receive_kernel(
-        ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off, data_off, header_off, scales_off,
-        rank, max_wait, error_addr, op,
+        ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off, rows_off, data_off, header_off,
+        scales_off, rank, max_wait, error_addr, op,
         out_data, out_scales, src_info, src_rank, src_slot, layout_range, recv_count, stats,
         E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, H: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_WORDS: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -258,10 +274,11 @@ def low_latency_dispatch_receive_kernel(
     lane = tl.arange(0, 2 * BLOCK_R)
     src = lane % BLOCK_R
     mine = lane >= BLOCK_R
-    ok, values = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
-                           src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
+    ok, _ = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
+                      src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
     if ok:
-        rows = tl.where(mine & (src < NUM_RANKS), values & 0xFFFFFFFF, 0)
+        rows = tl.load((local_base + rows_off).to(tl.pointer_type(tl.int64)) + le * NUM_RANKS + src,
+                       mask=mine & (src < NUM_RANKS), other=0, volatile=True)
         begin = tl.sum(tl.where(src < s, rows, 0), axis=0)
         n = tl.sum(tl.where(src == s, rows, 0), axis=0)
         RT: tl.constexpr = NUM_RANKS * T
@@ -333,8 +350,8 @@ def launch_dispatch_receive(ptrs: torch.Tensor, epochs: torch.Tensor, parity: in
     row_words = (hidden if use_fp8 else 2 * hidden) // 4
     tile_words = min(next_pow2(row_words), 1024)  # one program per 1024 words of a row
     low_latency_dispatch_receive_kernel[(e_loc, num_ranks, triton.cdiv(row_words, tile_words))](
-        ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"], offsets["data"],
-        offsets["header"], offsets["scales"], rank, max_wait, error_addr, op,
+        ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"], offsets["rows"],
+        offsets["data"], offsets["header"], offsets["scales"], rank, max_wait, error_addr, op,
         out_data, out_scales if out_scales is not None else out_data, src_info, src_rank, src_slot, layout_range,
         recv_count, stats if stats is not None else recv_count,
         E_LOC=e_loc, NUM_RANKS=num_ranks, T=num_max_tokens, H=hidden, BLOCK_R=next_pow2(num_ranks),

@@ -2,7 +2,9 @@
 
 Rules every kernel follows (they keep the simulated heap, where ranks are processes running the
 interpreter, faithful to GPUs):
-* a flag word has exactly ONE writer (one rank, one program); readers combine several words;
+* a flag word is written from ONE rank: by one program, or by several programs of that rank that
+  each add their share atomically (the low-latency arrival counts; under the interpreter a rank's
+  programs run one after another, so no other process races them); readers combine several words;
 * flags are int64 and only grow (an epoch per call), so they never need resetting;
 * a kernel waits only for flags set by other ranks or by earlier launches, never by another
   program of its own launch.
