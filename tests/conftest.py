@@ -40,10 +40,8 @@ def clusters():
 
 
 @pytest.fixture(scope="session")
-def gpu_cluster():
-    """One rank per GPU over NCCL: every visible GPU, or ``MOEKIT_GPU_RANKS`` of them. A test that
-    does not finish within ``MOEKIT_GPU_TIMEOUT_S`` (default 300) seconds fails with every stuck
-    rank's stack."""
+def _gpu_clusters():
+    """The GPU tests' clusters: one at a time, a new one after a test lost its ranks."""
     import torch
 
     from moekit.testing.cluster import Cluster
@@ -53,6 +51,22 @@ def gpu_cluster():
     if gpus < 2 or not 2 <= ranks <= gpus:
         pytest.fail(f"GPU tests need at least 2 CUDA GPUs and 2 <= MOEKIT_GPU_RANKS <= {gpus}; "
                     f"found {gpus} GPUs, MOEKIT_GPU_RANKS={ranks}")
-    cluster = Cluster(ranks, backend="nccl", timeout_s=float(os.environ.get("MOEKIT_GPU_TIMEOUT_S", 300)))
-    yield cluster
-    cluster.close(force=not cluster.alive)
+    made: list[Cluster] = []
+
+    def get() -> Cluster:
+        if not made or not made[-1].alive:
+            made.append(Cluster(ranks, backend="nccl", timeout_s=float(os.environ.get("MOEKIT_GPU_TIMEOUT_S", 300))))
+        return made[-1]
+
+    yield get
+    for cluster in made:
+        cluster.close(force=not cluster.alive)
+
+
+@pytest.fixture
+def gpu_cluster(_gpu_clusters):
+    """One rank per GPU over NCCL: every visible GPU, or ``MOEKIT_GPU_RANKS`` of them, shared by the
+    GPU tests (a new one after a test lost its ranks, so one hang fails one test). A test that does
+    not finish within ``MOEKIT_GPU_TIMEOUT_S`` (default 300) seconds fails with every stuck rank's
+    stack."""
+    return _gpu_clusters()

@@ -45,6 +45,9 @@ def test_a_rank_that_does_not_answer_is_named():
     with pytest.raises(TimeoutError, match=r"_sleep: rank\(s\) \[0, 1\] did not answer within 3 s"):
         cluster.run(_sleep, 10)
     assert not cluster.alive
+    # A run on the closed cluster says so at once instead of waiting for ranks that are gone.
+    with pytest.raises(RuntimeError, match=r"_rank_and_size: this cluster's ranks are gone"):
+        cluster.run(_rank_and_size)
 
 
 def test_a_hung_rank_reports_where_it_hangs():

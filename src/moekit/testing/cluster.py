@@ -115,6 +115,9 @@ class Cluster:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Runs ``fn(*args, **kwargs)`` on every rank (``fn`` must be importable: a module-level function)."""
+        if not self.alive:
+            raise RuntimeError(f"{getattr(fn, '__name__', repr(fn))}: this cluster's ranks are gone (closed, or an "
+                               "earlier run timed out or lost a rank); start a new Cluster")
         for box in self._inboxes:
             box.put((fn, args, kwargs))
         return self._collect(getattr(fn, "__name__", repr(fn)))
