@@ -123,7 +123,7 @@ def publish(heap_ptrs, progress_off, rank, index, rows, epoch, DONE: tl.constexp
 def wait_rows(flag_ptrs, need, epoch, rows, peers, max_wait, error_ptr, op, rank, INTERPRET: tl.constexpr):
     """Spins until every progress flag under ``need`` carries ``epoch`` and more than ``rows`` rows
     (all operands of one shape), with the time limit and error record of :func:`wait_all`."""
-    values = poll(flag_ptrs)
+    values = poll(flag_ptrs, INTERPRET)
     ready = ~need | (((values >> 32) == epoch) & ((values & _ROWS) > rows))
     if INTERPRET:
         start = 0
@@ -131,7 +131,7 @@ def wait_rows(flag_ptrs, need, epoch, rows, peers, max_wait, error_ptr, op, rank
         start = tl.extra.cuda.globaltimer()
     waited = start - start
     while (tl.min(ready.to(tl.int32)) == 0) & (waited < max_wait):
-        values = poll(flag_ptrs)
+        values = poll(flag_ptrs, INTERPRET)
         ready = ~need | (((values >> 32) == epoch) & ((values & _ROWS) > rows))
         if INTERPRET:
             waited += 1
@@ -378,7 +378,7 @@ def _dispatch_receive(r, receivers, senders, prefix_ptr, lo, hi, out_rows, words
         since = tl.extra.cuda.globaltimer()
     idle = since - since
     while (finished == 0) & (idle < max_wait):
-        values = poll(flags)
+        values = poll(flags, INTERPRET)
         ours = served & ((values >> 32) == epoch)
         published = tl.where(ours, values & _ROWS, 0)
         done = ~served | (ours & is_done(values))
@@ -402,7 +402,7 @@ def _dispatch_receive(r, receivers, senders, prefix_ptr, lo, hi, out_rows, words
             since = tl.where(most > 0, now, since)
             idle = now - since
     if finished == 0:
-        values = poll(flags)
+        values = poll(flags, INTERPRET)
         late = tl.min(tl.where(served & ~(((values >> 32) == epoch) & is_done(values)), peer, 1 << 30), axis=0)
         record_timeout(error_pointer(error_addr), OP_DISPATCH, rank, late)
     signal_peers(heap_ptrs, consumed_off, rank, r, epoch, NUM_RANKS)

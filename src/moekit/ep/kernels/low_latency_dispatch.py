@@ -98,7 +98,7 @@ def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_m
     target = epoch << 32
     flags = (local_base + flags_off).to(tl.pointer_type(tl.int64))
     values = wait_all(flags + tl.where(wait_mask, flag_index, 0), wait_mask, target, peers, max_wait, error, op, rank,
-                      INTERPRET)
+                      INTERPRET, LOAD=True)
     src = tl.arange(0, BLOCK_R)
     live = src < NUM_RANKS
     # Indices below R are the flags[0, :], whose writers wrote params first.
