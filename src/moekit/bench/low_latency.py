@@ -3,7 +3,7 @@ torch backend (NCCL, eager: its per-call rank check synchronises with the host) 
 
 Per tokens-per-rank T: median latency of dispatch (FP8, per-128-channel scales) and combine (bf16,
 weighted) over graph replays; with the receive hook, the send and the receive parts apart (the
-receive timed after every rank's sends finished, so it holds no waiting). Each replay is timed two
+receive timed after every rank's sends finished, so it holds no waiting). Each call is timed three
 ways. Queued (the main figure, the device's own latency, as inside a decoding step's graph): the
 GPU is held while the host queues a device-side barrier and the replay, so the time runs from the
 moment every GPU is ready. From idle: the replay is launched on an idle GPU, so the time includes
@@ -231,14 +231,13 @@ def main(argv: list[str]) -> int:
     report = Report(
         title=f"low-latency dispatch (FP8) / combine (bf16), {world} GPUs, H={args.hidden}, top-{args.topk}, "
               f"{args.experts} experts, CUDA-graph replay (us)",
-        columns={"tokens": "T", "dispatch_us": "dispatch", "dispatch_kernels_us": "d kernels",
-                 "dispatch_send_us": "d send", "dispatch_recv_us": "d recv", "dispatch_idle_us": "d from idle",
-                 "dispatch_floor_us": "d floor", "dispatch_x_floor": "d / floor",
-                 "torch_dispatch_us": "torch d (eager)",
-                 "dispatch_speedup": "d speedup", "combine_us": "combine", "combine_kernels_us": "c kernels",
-                 "combine_send_us": "c send", "combine_recv_us": "c recv", "combine_idle_us": "c from idle",
-                 "combine_floor_us": "c floor", "combine_x_floor": "c / floor", "torch_combine_us": "torch c (eager)",
-                 "combine_speedup": "c speedup"},
+        columns={"tokens": "T",
+                 "dispatch_us": "dispatch", "dispatch_kernels_us": "d kernels", "dispatch_send_us": "d send",
+                 "dispatch_recv_us": "d recv", "dispatch_idle_us": "d from idle", "dispatch_floor_us": "d floor",
+                 "dispatch_x_floor": "d / floor", "torch_dispatch_us": "torch d (eager)", "dispatch_speedup": "d speedup",
+                 "combine_us": "combine", "combine_kernels_us": "c kernels", "combine_send_us": "c send",
+                 "combine_recv_us": "c recv", "combine_idle_us": "c from idle", "combine_floor_us": "c floor",
+                 "combine_x_floor": "c / floor", "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},
         settings=vars(args) | {"ranks": world},
         rows=rows,
     )
