@@ -60,8 +60,8 @@ def poll(flag_ptr, INTERPRET: tl.constexpr, LOAD: tl.constexpr = False):
 
     The low-latency kernels poll with ``LOAD``: their receives got up to 2.8 us faster, and their
     GPU tests pass with it. The high-throughput kernels keep the compare-and-swap: with ``LOAD``
-    the copy-engine combine's GPU tests returned wrong top-k weights (2 x H200, 2026-11-23), which
-    is not understood yet."""
+    the copy-engine combine's GPU tests returned wrong sums (2 x H200, 2026-11-23), which is not
+    understood yet."""
     if INTERPRET or not LOAD:
         # The operands take the pointer's shape: atomic_cas does not broadcast scalars to a block.
         never = tl.full(flag_ptr.shape, -1, tl.int64)
