@@ -9,7 +9,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from moekit.ep.heap import SymmetricHeap
+from moekit.ep.heap import SymmetricHeap, interpreting
 from moekit.ep.kernels.sync import (ErrorRecord, error_pointer, op_code, peer_pointer, signal, signal_where,
                                    wait_all_geq, wait_budget, wait_geq)
 
@@ -57,20 +57,23 @@ def flag_round_trip_us(group: dist.ProcessGroup, device: torch.device, iters: in
 
 # Rank r sets flags[r] = epoch in every rank's heap, then waits until its own flags[0..R) reached it.
 @triton.jit
-def _device_barrier(ptrs, rank, epoch, max_wait, error_addr, op, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr):
+def _device_barrier(ptrs, rank, epoch, max_wait, error_addr, op, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     peer = tl.arange(0, BLOCK_R)
     live = peer < NUM_RANKS
     theirs = (tl.load(ptrs + peer, mask=live, other=0) + rank * 8).to(tl.pointer_type(tl.int64))
     signal_where(theirs, tl.zeros([BLOCK_R], dtype=tl.int64) + epoch, live)
     mine = (tl.load(ptrs + rank) + peer * 8).to(tl.pointer_type(tl.int64))
-    wait_all_geq(mine, live, epoch, peer, max_wait, error_pointer(error_addr), op, rank, False)
+    wait_all_geq(mine, live, epoch, peer, max_wait, error_pointer(error_addr), op, rank, INTERPRET)
 
 
 class DeviceBarrier:
-    """A barrier of ``group``'s GPUs, queued on the current stream (collective; CUDA only): no GPU
-    goes past it before every GPU has reached it. The host does not wait. After a host barrier the
-    GPUs leave it within about one flag latency of each other, so a call timed right after it
-    starts on every rank at nearly the same moment."""
+    """A barrier of ``group``'s GPUs, queued on the current stream (collective): no GPU goes past it
+    before every GPU has reached it. The host does not wait. After a host barrier the GPUs leave it
+    within about one flag latency of each other, so a call timed right after it starts on every
+    rank at nearly the same moment. Under ``TRITON_INTERPRET=1`` it runs on the simulated heap (the
+    host then waits). A rank that waits longer than ``timeout_s`` makes a later call (at once under
+    the interpreter) raise ``TimeoutError`` naming it and the missing peer."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout_s: float = 60.0) -> None:
         self.world = dist.get_world_size(group)
@@ -83,6 +86,8 @@ class DeviceBarrier:
     def __call__(self) -> None:
         self.errors.check(self.timeout_s)
         self.epoch += 1
-        _device_barrier[(1,)](self.heap.ptrs, self.rank, self.epoch, wait_budget(self.timeout_s, False),
+        interpret = interpreting()
+        _device_barrier[(1,)](self.heap.ptrs, self.rank, self.epoch, wait_budget(self.timeout_s, interpret),
                               self.errors.address, op_code("barrier"), NUM_RANKS=self.world,
-                              BLOCK_R=triton.next_power_of_2(self.world), num_warps=1)
+                              BLOCK_R=triton.next_power_of_2(self.world), INTERPRET=interpret, num_warps=1)
+        self.errors.check(self.timeout_s)
