@@ -62,7 +62,6 @@ def test_one_token_many_experts(clusters):
     clusters(2).run(compare_with_torch, Case(tokens=[1, 1], T=1, H=256, E=64, K=8, empty=0.0, seed=14))
 
 
-
 @triton.jit
 def _shares_kernel(out, count, BLOCK: tl.constexpr):
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -130,10 +130,10 @@ def low_latency_combine_receive_kernel(
     valid = ids >= 0
     owner = tl.where(valid, ids // E_LOC, 0)
     source = lane < BLOCK_R
-    ok, _ = wait_call(local_base, flags_off, params_off, call_params,
-                      tl.where(source, lane, (ids - owner * E_LOC) * NUM_RANKS + owner), (lane < NUM_RANKS) | valid,
-                      tl.where(source, lane, owner), epoch, max_wait, error_pointer(error_addr), op, rank, NUM_RANKS,
-                      BLOCK_R, INTERPRET)
+    ok = wait_call(local_base, flags_off, params_off, call_params,
+                   tl.where(source, lane, (ids - owner * E_LOC) * NUM_RANKS + owner), (lane < NUM_RANKS) | valid,
+                   tl.where(source, lane, owner), epoch, max_wait, error_pointer(error_addr), op, rank, NUM_RANKS,
+                   BLOCK_R, INTERPRET)
     if ok & (t < num_tokens):
         # Rows are 16-byte aligned (2 * H is a multiple of 16): wide loads.
         rows = tl.multiple_of((local_base + recv_off + t.to(tl.int64) * (K * 2 * H)).to(tl.pointer_type(tl.bfloat16)),

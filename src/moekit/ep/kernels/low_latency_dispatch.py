@@ -88,9 +88,9 @@ def arrival_share(index, count):
 def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_mask, peers, epoch, max_wait, error, op,
               rank, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
     """Waits until the flags ``flags[flag_index]`` under ``wait_mask`` reached this call's ``epoch``
-    (all in one spin; they must include every source's ``flags[0, s]``, index s, whose writer also
-    wrote ``params[s]``) and checks that every source sent the same ``call_params`` (op and sizes)
-    as this rank's call. Returns (whether all is well, the flags' values).
+    (all in one spin; they must include every source's ``flags[0, s]``, index s, whose first
+    arrival wrote ``params[s]`` before its share) and checks that every source sent the same
+    ``call_params`` (op and sizes) as this rank's call. Returns whether all is well.
 
     On a disagreement records ``[MISMATCH, op, rank, first such source]`` at ``error``, over a
     timeout that it may have caused (a peer with other sizes may never set some flags).
@@ -101,7 +101,7 @@ def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_m
                       INTERPRET, LOAD=True)
     src = tl.arange(0, BLOCK_R)
     live = src < NUM_RANKS
-    # Indices below R are the flags[0, :], whose writers wrote params first.
+    # Indices below R are the flags[0, :], complete only after params was written.
     sources_in = tl.min(tl.where((flag_index < NUM_RANKS) & wait_mask, values, target), axis=0) >= target
     tl.debug_barrier()
     got = tl.load((local_base + params_off).to(tl.pointer_type(tl.int64)) + src, mask=live, other=call_params,
@@ -112,7 +112,7 @@ def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_m
         tl.atomic_xchg(error + 2, rank)
         tl.atomic_xchg(error + 3, tl.min(tl.where(bad > 0, src, NUM_RANKS), axis=0))
         tl.atomic_xchg(error, _MISMATCH)
-    return (tl.min(values, axis=0) >= target) & (tl.max(bad, axis=0) == 0), values
+    return (tl.min(values, axis=0) >= target) & (tl.max(bad, axis=0) == 0)
 
 
 # ---------------------------------------------------------------------------------------------- send
@@ -274,8 +274,8 @@ def low_latency_dispatch_receive_kernel(
     lane = tl.arange(0, 2 * BLOCK_R)
     src = lane % BLOCK_R
     mine = lane >= BLOCK_R
-    ok, _ = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
-                      src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
+    ok = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
+                   src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
     if ok:
         rows = tl.load((local_base + rows_off).to(tl.pointer_type(tl.int64)) + le * NUM_RANKS + src,
                        mask=mine & (src < NUM_RANKS), other=0, volatile=True)
