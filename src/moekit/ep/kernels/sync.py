@@ -58,10 +58,15 @@ def poll(flag_ptr, INTERPRET: tl.constexpr, LOAD: tl.constexpr = False):
     it: a compare-and-swap that never matches (flags are >= 0), so a concurrent writer's update is
     never lost; with ``LOAD`` (on GPUs) a plain ``ld.acquire.sys``, one load per poll.
 
-    The low-latency kernels poll with ``LOAD``: their receives got up to 2.8 us faster, and their
-    GPU tests pass with it. The high-throughput kernels keep the compare-and-swap: with ``LOAD``
-    the copy-engine combine's GPU tests returned wrong sums (2 x H200, 2026-11-23), which is not
-    understood yet."""
+    The two differ in who reads. Triton performs an atomic once per element and hands the result
+    to every thread that holds a copy of it, so all warps of a program see one value. A block of
+    flags smaller than the program (a few lanes, copied into every warp) is loaded by each warp on
+    its own with ``LOAD``, and while a writer is raising a flag, warps can read different values.
+    So ``LOAD`` suits only waits where each warp may act on its own reading: the low-latency
+    receives wait until every flag reached a threshold, then each warp copies its share (their
+    receives got up to 2.8 us faster). The high-throughput dispatch receive keeps the
+    compare-and-swap: it derives from the flags which rows to copy next, and every warp must copy
+    its part of the same rows (with ``LOAD`` its GPU tests lost rows, 2 x H200, 2026-11-23)."""
     if INTERPRET or not LOAD:
         # The operands take the pointer's shape: atomic_cas does not broadcast scalars to a block.
         never = tl.full(flag_ptr.shape, -1, tl.int64)
