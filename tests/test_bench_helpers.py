@@ -1,11 +1,13 @@
 """Pieces of the benchmarks that run without a GPU: row sizes, merging rounds, the NVSHMEM heap size,
-the triton backend's buffer size."""
+the triton backend's buffer size, the bytes a low-latency call moves across NVLink."""
 
 import pytest
+import torch
 
 from moekit.bench._nvlink import row_bytes
 from moekit.bench._vdev import heap_bytes
 from moekit.bench.gemm import _median_row
+from moekit.bench.low_latency import crossing_bytes
 from moekit.ep.triton_normal import _capacity, one_round_nvl_bytes
 
 
@@ -46,3 +48,21 @@ def test_benchmark_buffer_fits_one_round(world, tokens):
         assert _capacity(region, received) >= world * tokens
     peers = world - 1
     assert _capacity(region, {"data": 2 * hidden * peers, "weights": 4 * topk * peers}) >= tokens
+
+
+def test_crossing_bytes_counts_pairs_and_tokens_per_remote_rank():
+    hidden = 256
+    row = hidden + 2 * 4  # FP8 values and two scales
+    # Rank 0: token 0 -> experts on ranks 1, 1, 0; token 1 -> rank 0 only; token 2 -> rank 1 and a -1 slot.
+    # Rank 1: token 0 -> ranks 0, 0, 0.
+    owners = [torch.tensor([[1, 1, 0], [0, 0, 0], [1, -1, 0]]), torch.tensor([[0, 0, 0]])]
+    per_pair, once, combine = crossing_bytes(owners, hidden)
+    # Rank 0 sends 3 remote pairs in 2 tokens and receives 3 pairs in 1 token: the busiest side is 3 pairs.
+    assert per_pair == 3 * (row + 16)
+    assert once == max(2 * row + 3 * 8, 1 * row + 3 * 8)
+    assert combine == 3 * 2 * hidden
+
+
+def test_crossing_bytes_of_a_rank_that_sends_nothing_remote():
+    owners = [torch.zeros(4, 2, dtype=torch.int64), torch.ones(0, 2, dtype=torch.int64)]
+    assert crossing_bytes(owners, 128) == (0, 0, 0)

@@ -11,8 +11,11 @@ the host's launch of the graph. Kernels: the durations of the call's kernels as 
 records them, summed (how DeepEP's tests time theirs), which leaves out the graph's own overhead.
 
 The floor is the bytes that cross NVLink at the busiest rank (the larger of what it sends and what
-it receives, counting pairs whose expert is on another GPU: FP8 ``H + H/128*4 + 16`` bytes each,
-bf16 ``2H`` back) over the measured peer bandwidth, plus one measured flag round trip.
+it receives) over the measured peer bandwidth, plus one measured flag round trip. Two floors are
+printed for dispatch: "d floor" counts a message per (token, expert) pair whose expert is on another
+GPU (FP8 ``H + H/128*4 + 16`` bytes each, as DeepEP's protocol moves them), "d floor, once per rank"
+counts what moekit moves: each token's row and scales once per other GPU that holds one of its
+experts, plus an 8-byte header per remote pair. Combine moves bf16 ``2H`` per remote pair back.
 """
 
 from __future__ import annotations
@@ -153,17 +156,31 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     return medians
 
 
-def _crossing_bytes(t: int, hidden: int, experts: int, topk: int) -> tuple[int, int]:
-    """Bytes that cross NVLink at the busiest rank (the larger of its sends and its receives) in
-    dispatch (FP8 messages) and in combine (bf16 rows)."""
-    world, dev = dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
+def crossing_bytes(owners: list[torch.Tensor], hidden: int) -> tuple[int, int, int]:
+    """Bytes that cross NVLink at the busiest rank (the larger of its sends and its receives): dispatch
+    as one FP8 message per remote (token, expert) pair, dispatch as moekit sends it (each token
+    once per remote rank, an 8-byte header per pair), and combine (bf16 rows back per pair).
+
+    ``owners[s]``: int64 [T, K], the rank that holds each top-k expert of rank s's tokens (-1: none).
+    """
+    world = len(owners)
     pairs = torch.zeros(world, world, dtype=torch.int64)  # [source, destination] remote (token, expert) pairs
-    for src in range(world):
-        owners = _inputs(t, hidden, experts, topk, src, dev)[1] // (experts // world)
-        pairs[src] = torch.bincount(owners.flatten(), minlength=world).cpu()
+    tokens = torch.zeros(world, world, dtype=torch.int64)  # [source, destination] tokens with an expert there
+    for src, own in enumerate(owners):
+        own = own.cpu()
+        chosen = own >= 0
+        pairs[src] = torch.bincount(own[chosen], minlength=world)
+        held = torch.zeros(own.shape[0], world + 1, dtype=torch.bool).scatter_(1, torch.where(chosen, own, world), True)
+        tokens[src] = held[:, :world].sum(0)
     pairs.fill_diagonal_(0)
-    busiest = int(torch.maximum(pairs.sum(0), pairs.sum(1)).max())
-    return busiest * (hidden + hidden // 128 * 4 + 16), busiest * 2 * hidden
+    tokens.fill_diagonal_(0)
+
+    def busiest(per_pair: int, per_token: int = 0) -> int:
+        moved = pairs * per_pair + tokens * per_token
+        return int(torch.maximum(moved.sum(0), moved.sum(1)).max())
+
+    row = hidden + hidden // 128 * 4
+    return busiest(row + 16), busiest(8, row), busiest(2 * hidden)
 
 
 def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: int) -> list[dict] | None:
@@ -188,21 +205,24 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
                                             line_ups=(queued, None))
         # The torch backend runs eagerly: its per-call rank check synchronises with the host.
         (torch_d, torch_c), = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
-        bytes_d, bytes_c = _crossing_bytes(t, hidden, experts, topk)
+        owners = [_inputs(t, hidden, experts, topk, src, dev)[1] // (experts // dist.get_world_size())
+                  for src in range(dist.get_world_size())]
+        bytes_d, bytes_d_once, bytes_c = crossing_bytes(owners, hidden)
         row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_idle_us": idle_d,
                "combine_idle_us": idle_c, "dispatch_kernels_us": kernels_d, "combine_kernels_us": kernels_c,
                "torch_dispatch_us": torch_d, "torch_combine_us": torch_c, "dispatch_mb": bytes_d / 1e6,
-               "combine_mb": bytes_c / 1e6, "flag_rt_us": round_trip,
+               "dispatch_once_mb": bytes_d_once / 1e6, "combine_mb": bytes_c / 1e6, "flag_rt_us": round_trip,
                "tiny_graph_idle_us": tiny_idle, "tiny_graph_queued_us": tiny_queued}
         for name, value, idle in zip(("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"), halves,
                                      idle_halves):
             row[f"{name}_us"], row[f"{name}_idle_us"] = value, idle
         if bandwidth is not None:
             row["peer_gbps"] = bandwidth
-            for op, nbytes in (("dispatch", bytes_d), ("combine", bytes_c)):
+            for name, op, nbytes in (("dispatch", "dispatch", bytes_d), ("dispatch_once", "dispatch", bytes_d_once),
+                                     ("combine", "combine", bytes_c)):
                 floor = nbytes / (bandwidth * 1e3) + round_trip
-                row[f"{op}_floor_us"] = floor
-                row[f"{op}_x_floor"] = row[f"{op}_us"] / floor
+                row[f"{name}_floor_us"] = floor
+                row[f"{name}_x_floor"] = row[f"{op}_us"] / floor
         for op in ("dispatch", "combine"):
             row[f"{op}_speedup"] = row[f"torch_{op}_us"] / row[f"{op}_us"]
         rows.append(row)
@@ -234,7 +254,9 @@ def main(argv: list[str]) -> int:
         columns={"tokens": "T",
                  "dispatch_us": "dispatch", "dispatch_kernels_us": "d kernels", "dispatch_send_us": "d send",
                  "dispatch_recv_us": "d recv", "dispatch_idle_us": "d from idle", "dispatch_floor_us": "d floor",
-                 "dispatch_x_floor": "d / floor", "torch_dispatch_us": "torch d (eager)", "dispatch_speedup": "d speedup",
+                 "dispatch_x_floor": "d / floor", "dispatch_once_floor_us": "d floor, once per rank",
+                 "dispatch_once_x_floor": "d / that floor", "torch_dispatch_us": "torch d (eager)",
+                 "dispatch_speedup": "d speedup",
                  "combine_us": "combine", "combine_kernels_us": "c kernels", "combine_send_us": "c send",
                  "combine_recv_us": "c recv", "combine_idle_us": "c from idle", "combine_floor_us": "c floor",
                  "combine_x_floor": "c / floor", "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},

@@ -51,8 +51,9 @@ class Layout:
 
     ``params`` int64 [R], ``flags`` int64 [E_loc, R] and ``rows`` int64 [E_loc, R] (a dispatch's row
     count per (local expert, source)) sit at fixed offsets (they do not depend on the sizes, so a
-    receiver can read a peer's params even when the sizes disagree). The receive area holds dispatch
-    messages (``data``, ``header``, ``scales``) or combine rows [T, K, H] bf16; ``send`` is the
+    receiver can read a peer's params even when the sizes disagree). The receive area holds a
+    dispatch's token rows (``data`` [R, T, row bytes], ``scales`` [R, T, H/128] float32) and
+    message slots (``header`` int32 [E, T, 2]), or combine rows [T, K, H] bf16; ``send`` is the
     zero-copy combine source [E_loc, R*T, H] bf16. ``end`` is the first byte past it.
     """
 
@@ -79,7 +80,7 @@ def make_layout(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: i
     recv = _align(8 * (num_ranks + 2 * e))
     recv_bytes = _align(max(e * t * (16 + max(2 * hidden, hidden + groups * 4)), e * t * 2 * hidden))
     row_bytes = hidden if use_fp8 else 2 * hidden
-    header = recv + e * t * row_bytes
+    header = recv + num_ranks * t * row_bytes
     send = recv + recv_bytes
     return Layout(params=0, flags=8 * num_ranks, rows=8 * (num_ranks + e), recv=recv, recv_bytes=recv_bytes, data=recv,
                   header=header, scales=header + e * t * 8, send=send, end=send + _align(e * t * 2 * hidden))

@@ -2,9 +2,11 @@
 
 Heap areas of one parity on every rank (offsets from :class:`moekit.ep.triton_low_latency.Layout`):
 ``params`` int64 [R], ``flags`` int64 [E_loc, R], ``rows`` int64 [E_loc, R] and the receive
-area, which holds for every (local expert, source rank) T message slots: data [E_loc, R, T, row
-bytes], header int32 [E_loc, R, T, 2] (source token, top-k slot) and float32 scales [E_loc, R, T,
-H/128] (FP8 only).
+area. The receive area holds every source's tokens, each once however many of this rank's
+experts chose it: data [R, T, row bytes] and float32 scales [R, T, H/128] (FP8 only); and for
+every (local expert, source rank) T message slots naming them: header int32 [E_loc, R, T, 2]
+(source token, top-k slot). So a token crosses NVLink once to each rank that holds one of its
+experts, and the receive copies it into each of those experts' slabs.
 
 Flag ``flags[le, s]`` on rank d counts the arrivals of rank s's send programs that sent rows of
 global expert ``d * E_loc + le`` (or of the one program that stands for that expert when no token
@@ -117,9 +119,10 @@ def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_m
 
 # ---------------------------------------------------------------------------------------------- send
 # Program (t, c) on rank s: channels [c * SPAN, (c + 1) * SPAN) of token t (t < N). For each top-k
-# slot k with e = topk_idx[t, k] >= 0 (owner d = e // E_loc, le = e % E_loc), row i = #{t' < t :
-# e in topk_idx[t']} (token order) of slot area (le, s) on d gets data = x[t] (bf16) or
-# e4m3(x[t] / scale) with scale per 128 channels (cast once for all k), scales, header (t, k).
+# slot k with e = topk_idx[t, k] >= 0 (owner d = e // E_loc, le = e % E_loc), message slot i =
+# #{t' < t : e in topk_idx[t']} (token order) of (le, s) on d gets header (t, k); the first such
+# slot k of each owner d writes token row (s, t) on d: data = x[t] (bf16) or e4m3(x[t] / scale)
+# with scale per 128 channels (cast once for all k), and scales.
 # Then it adds arrival_share(i * C + c, count_e * C) to flags[le, s] on d (count_e = #{t : e in
 # topk_idx[t]}, C chunks per token); arrival 0 first writes rows[le, s] = count_e. Experts with
 # count_e = 0: program q = t * C + c stands for experts q * EPP .. q * EPP + EPP - 1 that no token
@@ -164,9 +167,13 @@ def low_latency_dispatch_send_kernel(
     le = tl.where(valid, ids % E_LOC, 0)
     row = (le * NUM_RANKS + rank) * T + tl.where(valid, before, 0)  # int64: message slot on dest
     base = tl.load(ptrs + dest) + half_base
+    # The token's row goes once to each owner: from the first slot naming it.
+    same_dest = (kk[None, :] < kk[:, None]) & valid[None, :] & (dest[None, :] == dest[:, None])
+    first_to_dest = valid & (tl.sum(same_dest.to(tl.int32), axis=1) == 0)
+    token_row = (rank * T + t).to(tl.int64)
     ROW_BYTES: tl.constexpr = H if USE_FP8 else 2 * H
     # Rows start 16-byte aligned (row bytes are a multiple of 16): wide stores.
-    data = base + data_off + row * ROW_BYTES
+    data = base + data_off + token_row * ROW_BYTES
     src = x_ptr + t.to(tl.int64) * H
     if USE_FP8:
         G: tl.constexpr = H // 128
@@ -178,15 +185,16 @@ def low_latency_dispatch_send_kernel(
         v = tl.load(src + offs, mask=live[:, None], other=0.0).to(tl.float32)
         fp8, scale = fp8_cast_groups(v, ROUND_SCALE, INTERPRET)
         dst = tl.multiple_of(data.to(tl.pointer_type(tl.uint8)), 16)
-        tl.store(dst[:, None, None] + offs[None, :, :], fp8[None, :, :], mask=valid[:, None, None] & live[None, :, None])
-        scales = (base + scales_off + row * (G * 4)).to(tl.pointer_type(tl.float32))
-        tl.store(scales[:, None] + group[None, :], scale[None, :], mask=valid[:, None] & live[None, :])
+        tl.store(dst[:, None, None] + offs[None, :, :], fp8[None, :, :],
+                 mask=first_to_dest[:, None, None] & live[None, :, None])
+        scales = (base + scales_off + token_row * (G * 4)).to(tl.pointer_type(tl.float32))
+        tl.store(scales[:, None] + group[None, :], scale[None, :], mask=first_to_dest[:, None] & live[None, :])
     else:
         h = c * SPAN + tl.arange(0, BLOCK)
         live = (tl.arange(0, BLOCK) < SPAN) & (h < H)
         v = tl.load(src + h, mask=live & (t < num_tokens))
         dst = tl.multiple_of(data.to(tl.pointer_type(tl.bfloat16)), 16)
-        tl.store(dst[:, None] + h[None, :], v[None, :], mask=valid[:, None] & live[None, :])
+        tl.store(dst[:, None] + h[None, :], v[None, :], mask=first_to_dest[:, None] & live[None, :])
     two = tl.arange(0, 2)
     header = (base + header_off + row * 8).to(tl.pointer_type(tl.int32))
     tl.store(header[:, None] + two[None, :], tl.where(two[None, :] == 0, t, kk[:, None]),
@@ -214,8 +222,10 @@ def low_latency_dispatch_send_kernel(
 
 
 # Elements of one step of the send's scan of the top-k ids (tokens x K x experts compared), and
-# words of one step of the receive's and the combine send's copies (rows x words).
-SCAN_BLOCK = 8192
+# words of one step of the receive's and the combine send's copies (rows x words). A scan step of
+# 8192 took 197 registers per thread at T = 128 (FP8, H 7168), so only two programs fit on an SM
+# and the 512 ran in two waves: 17.0 us against 13.0 with 4096 (116 registers), 2 x H200.
+SCAN_BLOCK = 4096
 TILE = 4096
 
 
@@ -250,8 +260,9 @@ def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Te
 # ------------------------------------------------------------------------------------------- receive
 # Program (le, s, c) on rank d, after flags[0, :] and flags[le, :] reached this call's epoch:
 #   n_s = rows[le, s], begin = sum(n_{s'} for s' < s); slab rows begin + j (j < n_s) of
-#   expert le = message slot (le, s, j): data words [c * TILE_WORDS, (c + 1) * TILE_WORDS), and
-#   (c = 0) scales (UE8M0: exponent bytes, four per int32), src_info = header token, src_rank = s,
+#   expert le = token row (s, header token) of message slot (le, s, j): data words
+#   [c * TILE_WORDS, (c + 1) * TILE_WORDS), and (c = 0) scales (UE8M0: exponent bytes, four per
+#   int32), src_info = header token, src_rank = s,
 #   src_slot = header slot, layout_range[le, s] = (begin << 32) | n_s. Program (le, R - 1, 0)
 #   writes recv_count[le] = sum(n), adds it to the stats and marks the unused rows' src_info /
 #   src_rank / src_slot with -1.
@@ -286,33 +297,36 @@ def low_latency_dispatch_receive_kernel(
         ROW_WORDS: tl.constexpr = (H if USE_FP8 else 2 * H) // 4
         slot0 = ((le * NUM_RANKS + s) * T).to(tl.int64)
         out_row0 = le.to(tl.int64) * RT + begin
+        token0 = (s * T).to(tl.int64)
         # Rows are 16-byte aligned (row bytes are a multiple of 16): wide loads and stores.
-        data = tl.multiple_of((local_base + data_off + slot0 * (4 * ROW_WORDS)).to(tl.pointer_type(tl.int32)), 16)
+        data = tl.multiple_of((local_base + data_off + token0 * (4 * ROW_WORDS)).to(tl.pointer_type(tl.int32)), 16)
         header = (local_base + header_off).to(tl.pointer_type(tl.int32)) + slot0 * 2
-        scales = (local_base + scales_off).to(tl.pointer_type(tl.int32)) + slot0 * G
+        scales = (local_base + scales_off).to(tl.pointer_type(tl.int32)) + token0 * G
         words = out_data.to(tl.pointer_type(tl.int32), bitcast=True) + out_row0 * ROW_WORDS
         r = tl.arange(0, TILE_ROWS)
         w = c * TILE_WORDS + tl.arange(0, TILE_WORDS)
         for j0 in range(0, n, TILE_ROWS):
             j = j0 + r
             got = j < n
+            token = tl.load(header + j * 2, mask=got, other=0, cache_modifier=".cg")
             inside = got[:, None] & (w < ROW_WORDS)[None, :]
-            offs = j[:, None] * ROW_WORDS + w[None, :]
-            tl.store(words + offs, tl.load(data + offs, mask=inside, cache_modifier=".cg"), mask=inside)
+            from_row = token[:, None] * ROW_WORDS + w[None, :]
+            tl.store(words + j[:, None] * ROW_WORDS + w[None, :], tl.load(data + from_row, mask=inside, cache_modifier=".cg"),
+                     mask=inside)
             if USE_FP8:
                 scaled = got & (c == 0)  # one program of the row copies its scales
                 if USE_UE8M0:
                     W: tl.constexpr = G // 4
                     q = tl.arange(0, BLOCK_G // 4)
                     b = tl.arange(0, 4)
-                    bits = tl.load(scales + j[:, None, None] * G + q[None, :, None] * 4 + b[None, None, :],
+                    bits = tl.load(scales + token[:, None, None] * G + q[None, :, None] * 4 + b[None, None, :],
                                    mask=scaled[:, None, None] & (q < W)[None, :, None], other=0, cache_modifier=".cg")
                     packed = tl.sum(((bits >> 23) & 0xFF) << (b[None, None, :] * 8), axis=2)
                     tl.store(out_scales + le.to(tl.int64) * W * RT + q[None, :] * RT + begin + j[:, None], packed,
                              mask=scaled[:, None] & (q < W)[None, :])
                 else:
                     g = tl.arange(0, BLOCK_G)
-                    f = tl.load((scales + j[:, None] * G + g[None, :]).to(tl.pointer_type(tl.float32)),
+                    f = tl.load((scales + token[:, None] * G + g[None, :]).to(tl.pointer_type(tl.float32)),
                                 mask=scaled[:, None] & (g < G)[None, :], cache_modifier=".cg")
                     tl.store(out_scales + le.to(tl.int64) * G * RT + g[None, :] * RT + begin + j[:, None], f,
                              mask=scaled[:, None] & (g < G)[None, :])
