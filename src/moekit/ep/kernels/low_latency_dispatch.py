@@ -118,6 +118,22 @@ def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_m
 
 
 # ---------------------------------------------------------------------------------------------- send
+@triton.jit
+def _scan_step(topk_ptr, start, num_tokens, t, wanted, experts, counts, count_experts, K: tl.constexpr,
+               BLOCK_TOKENS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Adds tokens [start, start + BLOCK_TOKENS)'s choices: to ``counts`` (per this token's slot),
+    0x10001 for each earlier token that chose the slot's expert and 1 for each later one (or this);
+    to ``count_experts``, 1 for each token that chose each of ``experts``."""
+    kk = tl.arange(0, BLOCK_K)
+    tok = start + tl.arange(0, BLOCK_TOKENS)
+    chosen = tl.load(topk_ptr + tok[:, None] * K + kk[None, :], mask=(tok[:, None] < num_tokens) & (kk[None, :] < K),
+                     other=-1).to(tl.int32)[:, :, None]
+    hit = tl.where(chosen == wanted[None, None, :], tl.where(tok[:, None, None] < t, 0x10001, 1), 0)
+    counts += tl.sum(tl.sum(hit, axis=0), axis=0)
+    count_experts += tl.sum(tl.sum((chosen == experts[None, None, :]).to(tl.int32), axis=0), axis=0)
+    return counts, count_experts
+
+
 # Program (t, c) on rank s: channels [c * SPAN, (c + 1) * SPAN) of token t (t < N). For each top-k
 # slot k with e = topk_idx[t, k] >= 0 (owner d = e // E_loc, le = e % E_loc), message slot i =
 # #{t' < t : e in topk_idx[t']} (token order) of (le, s) on d gets header (t, k); the first such
@@ -146,34 +162,11 @@ def low_latency_dispatch_send_kernel(
     q = t * CHUNKS + c
     ee = q * EPP + tl.arange(0, BLOCK_EPP)
     mine = (tl.arange(0, BLOCK_EPP) < EPP) & (ee < E)
-
-    # How many earlier (high 16 bits) and all (low 16 bits; at most T < 2**16) tokens chose each of
-    # this token's experts, and all tokens each of this program's designated experts.
-    wanted = ids.to(tl.int32)
-    counts = tl.zeros([BLOCK_K], dtype=tl.int32)
-    count_mine = tl.zeros([BLOCK_EPP], dtype=tl.int32)
-    rows = tl.arange(0, BLOCK_TOKENS)
-    for start in range(0, num_tokens, BLOCK_TOKENS):
-        tok = start + rows
-        chosen = tl.load(topk_ptr + tok[:, None] * K + kk[None, :], mask=(tok[:, None] < num_tokens) & (kk[None, :] < K),
-                         other=-1).to(tl.int32)[:, :, None]
-        hit = tl.where(chosen == wanted[None, None, :], tl.where(tok[:, None, None] < t, 0x10001, 1), 0)
-        counts += tl.sum(tl.sum(hit, axis=0), axis=0)
-        count_mine += tl.sum(tl.sum((chosen == ee[None, None, :]).to(tl.int32), axis=0), axis=0)
-    count = counts & 0xFFFF
-    before = (counts >> 16) & 0xFFFF
-
     dest = tl.where(valid, ids // E_LOC, 0)
     le = tl.where(valid, ids % E_LOC, 0)
-    row = (le * NUM_RANKS + rank) * T + tl.where(valid, before, 0)  # int64: message slot on dest
+    # Loads that need only the ids are issued before the scan, so that their latency overlaps it.
     base = tl.load(ptrs + dest) + half_base
-    # The token's row goes once to each owner: from the first slot naming it.
-    same_dest = (kk[None, :] < kk[:, None]) & valid[None, :] & (dest[None, :] == dest[:, None])
-    first_to_dest = valid & (tl.sum(same_dest.to(tl.int32), axis=1) == 0)
-    token_row = (rank * T + t).to(tl.int64)
-    ROW_BYTES: tl.constexpr = H if USE_FP8 else 2 * H
-    # Rows start 16-byte aligned (row bytes are a multiple of 16): wide stores.
-    data = base + data_off + token_row * ROW_BYTES
+    base_mine = tl.load(ptrs + tl.where(mine, ee // E_LOC, 0)) + half_base
     src = x_ptr + t.to(tl.int64) * H
     if USE_FP8:
         G: tl.constexpr = H // 128
@@ -182,17 +175,46 @@ def low_latency_dispatch_send_kernel(
         group = c * SPAN_G + g
         live = (g < SPAN_G) & (group < G) & (t < num_tokens)
         offs = group[:, None] * 128 + tl.arange(0, 128)[None, :]
-        v = tl.load(src + offs, mask=live[:, None], other=0.0).to(tl.float32)
-        fp8, scale = fp8_cast_groups(v, ROUND_SCALE, INTERPRET)
+        v = tl.load(src + offs, mask=live[:, None], other=0.0)
+    else:
+        h = c * SPAN + tl.arange(0, BLOCK)
+        live = (tl.arange(0, BLOCK) < SPAN) & (h < H)
+        v = tl.load(src + h, mask=live & (t < num_tokens))
+
+    # How many earlier (high 16 bits) and all (low 16 bits; at most T < 2**16) tokens chose each of
+    # this token's experts, and all tokens each of this program's designated experts. Two steps or
+    # fewer are unrolled (T is a compile-time bound), so that their loads are in flight together;
+    # more would hold too many registers for four programs per SM.
+    wanted = ids.to(tl.int32)
+    counts = tl.zeros([BLOCK_K], dtype=tl.int32)
+    count_mine = tl.zeros([BLOCK_EPP], dtype=tl.int32)
+    if T <= 2 * BLOCK_TOKENS:
+        for start in tl.static_range(0, T, BLOCK_TOKENS):
+            counts, count_mine = _scan_step(topk_ptr, start, num_tokens, t, wanted, ee, counts, count_mine, K,
+                                            BLOCK_TOKENS, BLOCK_K)
+    else:
+        for start in range(0, num_tokens, BLOCK_TOKENS):
+            counts, count_mine = _scan_step(topk_ptr, start, num_tokens, t, wanted, ee, counts, count_mine, K,
+                                            BLOCK_TOKENS, BLOCK_K)
+    count = counts & 0xFFFF
+    before = (counts >> 16) & 0xFFFF
+
+    row = (le * NUM_RANKS + rank) * T + tl.where(valid, before, 0)  # int64: message slot on dest
+    # The token's row goes once to each owner: from the first slot naming it.
+    same_dest = (kk[None, :] < kk[:, None]) & valid[None, :] & (dest[None, :] == dest[:, None])
+    first_to_dest = valid & (tl.sum(same_dest.to(tl.int32), axis=1) == 0)
+    token_row = (rank * T + t).to(tl.int64)
+    ROW_BYTES: tl.constexpr = H if USE_FP8 else 2 * H
+    # Rows start 16-byte aligned (row bytes are a multiple of 16): wide stores.
+    data = base + data_off + token_row * ROW_BYTES
+    if USE_FP8:
+        fp8, scale = fp8_cast_groups(v.to(tl.float32), ROUND_SCALE, INTERPRET)
         dst = tl.multiple_of(data.to(tl.pointer_type(tl.uint8)), 16)
         tl.store(dst[:, None, None] + offs[None, :, :], fp8[None, :, :],
                  mask=first_to_dest[:, None, None] & live[None, :, None])
         scales = (base + scales_off + token_row * (G * 4)).to(tl.pointer_type(tl.float32))
         tl.store(scales[:, None] + group[None, :], scale[None, :], mask=first_to_dest[:, None] & live[None, :])
     else:
-        h = c * SPAN + tl.arange(0, BLOCK)
-        live = (tl.arange(0, BLOCK) < SPAN) & (h < H)
-        v = tl.load(src + h, mask=live & (t < num_tokens))
         dst = tl.multiple_of(data.to(tl.pointer_type(tl.bfloat16)), 16)
         tl.store(dst[:, None] + h[None, :], v[None, :], mask=first_to_dest[:, None] & live[None, :])
     two = tl.arange(0, 2)
@@ -202,7 +224,6 @@ def low_latency_dispatch_send_kernel(
     arrival = before.to(tl.int64) * CHUNKS + c
     first = valid & (arrival == 0)
     empty = mine & (count_mine == 0)
-    base_mine = tl.load(ptrs + tl.where(mine, ee // E_LOC, 0)) + half_base
     le_mine = ee % E_LOC
     word = (le * NUM_RANKS + rank) * 8
     word_mine = (le_mine * NUM_RANKS + rank) * 8
@@ -288,6 +309,11 @@ def low_latency_dispatch_receive_kernel(
     ok = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
                    src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
     if ok:
+        slot0 = ((le * NUM_RANKS + s) * T).to(tl.int64)
+        header = (local_base + header_off).to(tl.pointer_type(tl.int32)) + slot0 * 2
+        r = tl.arange(0, TILE_ROWS)
+        # The first tile's tokens, loaded beside the row counts (those past the count are not used).
+        token = tl.load(header + r * 2, mask=r < T, other=0, cache_modifier=".cg")
         rows = tl.load((local_base + rows_off).to(tl.pointer_type(tl.int64)) + le * NUM_RANKS + src,
                        mask=mine & (src < NUM_RANKS), other=0, volatile=True)
         begin = tl.sum(tl.where(src < s, rows, 0), axis=0)
@@ -295,20 +321,18 @@ def low_latency_dispatch_receive_kernel(
         RT: tl.constexpr = NUM_RANKS * T
         G: tl.constexpr = H // 128
         ROW_WORDS: tl.constexpr = (H if USE_FP8 else 2 * H) // 4
-        slot0 = ((le * NUM_RANKS + s) * T).to(tl.int64)
         out_row0 = le.to(tl.int64) * RT + begin
         token0 = (s * T).to(tl.int64)
         # Rows are 16-byte aligned (row bytes are a multiple of 16): wide loads and stores.
         data = tl.multiple_of((local_base + data_off + token0 * (4 * ROW_WORDS)).to(tl.pointer_type(tl.int32)), 16)
-        header = (local_base + header_off).to(tl.pointer_type(tl.int32)) + slot0 * 2
         scales = (local_base + scales_off).to(tl.pointer_type(tl.int32)) + token0 * G
         words = out_data.to(tl.pointer_type(tl.int32), bitcast=True) + out_row0 * ROW_WORDS
-        r = tl.arange(0, TILE_ROWS)
         w = c * TILE_WORDS + tl.arange(0, TILE_WORDS)
         for j0 in range(0, n, TILE_ROWS):
             j = j0 + r
             got = j < n
-            token = tl.load(header + j * 2, mask=got, other=0, cache_modifier=".cg")
+            if j0 > 0:
+                token = tl.load(header + j * 2, mask=got, other=0, cache_modifier=".cg")
             inside = got[:, None] & (w < ROW_WORDS)[None, :]
             from_row = token[:, None] * ROW_WORDS + w[None, :]
             tl.store(words + j[:, None] * ROW_WORDS + w[None, :], tl.load(data + from_row, mask=inside, cache_modifier=".cg"),
