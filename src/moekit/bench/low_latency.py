@@ -187,6 +187,7 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
     from moekit.bench._flags import DeviceBarrier, flag_round_trip_us
 
     group = dist.group.WORLD
+    world = dist.get_world_size(group)
     dev = torch.device("cuda", torch.cuda.current_device())
     round_trip = flag_round_trip_us(group, dev)
     queued = _queued(DeviceBarrier(group, dev))
@@ -205,8 +206,7 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
                                             line_ups=(queued, None))
         # The torch backend runs eagerly: its per-call rank check synchronises with the host.
         (torch_d, torch_c), = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
-        owners = [_inputs(t, hidden, experts, topk, src, dev)[1] // (experts // dist.get_world_size())
-                  for src in range(dist.get_world_size())]
+        owners = [_inputs(t, hidden, experts, topk, src, dev)[1] // (experts // world) for src in range(world)]
         bytes_d, bytes_d_once, bytes_c = crossing_bytes(owners, hidden)
         row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_idle_us": idle_d,
                "combine_idle_us": idle_c, "dispatch_kernels_us": kernels_d, "combine_kernels_us": kernels_c,
