@@ -55,8 +55,9 @@ def test_crossing_bytes_counts_pairs_and_tokens_per_remote_rank():
     row = hidden + 2 * 4  # FP8 values and two scales
     # Rank 0: token 0 -> experts on ranks 1, 1, 0; token 1 -> rank 0 only; token 2 -> rank 1 and a -1 slot.
     # Rank 1: token 0 -> ranks 0, 0, 0.
+    # Two experts, one per rank: an expert id is its owner's rank.
     owners = [torch.tensor([[1, 1, 0], [0, 0, 0], [1, -1, 0]]), torch.tensor([[0, 0, 0]])]
-    per_pair, once, combine = crossing_bytes(owners, hidden)
+    per_pair, once, combine = crossing_bytes(owners, 2, hidden)
     # Rank 0 sends 3 remote pairs in 2 tokens and receives 3 pairs in 1 token: the busiest side is 3 pairs.
     assert per_pair == 3 * (row + 16)
     assert once == max(2 * row + 3 * 8, 1 * row + 3 * 8)
@@ -65,4 +66,4 @@ def test_crossing_bytes_counts_pairs_and_tokens_per_remote_rank():
 
 def test_crossing_bytes_of_a_rank_that_sends_nothing_remote():
     owners = [torch.zeros(4, 2, dtype=torch.int64), torch.ones(0, 2, dtype=torch.int64)]
-    assert crossing_bytes(owners, 128) == (0, 0, 0)
+    assert crossing_bytes(owners, 2, 128) == (0, 0, 0)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.bench.report import Report, add_output_args
+from moekit.ep.layout import token_ranks
 
 
 def _inputs(t: int, hidden: int, experts: int, topk: int, seed: int, device: torch.device):
@@ -156,22 +157,20 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     return medians
 
 
-def crossing_bytes(owners: list[torch.Tensor], hidden: int) -> tuple[int, int, int]:
+def crossing_bytes(topk_idx: list[torch.Tensor], num_experts: int, hidden: int) -> tuple[int, int, int]:
     """Bytes that cross NVLink at the busiest rank (the larger of its sends and its receives): dispatch
     as one FP8 message per remote (token, expert) pair, dispatch as moekit sends it (each token
     once per remote rank, an 8-byte header per pair), and combine (bf16 rows back per pair).
 
-    ``owners[s]``: int64 [T, K], the rank that holds each top-k expert of rank s's tokens (-1: none).
+    ``topk_idx[s]``: int64 [T, K], the experts of rank s's tokens (-1: none).
     """
-    world = len(owners)
+    world = len(topk_idx)
     pairs = torch.zeros(world, world, dtype=torch.int64)  # [source, destination] remote (token, expert) pairs
     tokens = torch.zeros(world, world, dtype=torch.int64)  # [source, destination] tokens with an expert there
-    for src, own in enumerate(owners):
-        own = own.cpu()
-        chosen = own >= 0
-        pairs[src] = torch.bincount(own[chosen], minlength=world)
-        held = torch.zeros(own.shape[0], world + 1, dtype=torch.bool).scatter_(1, torch.where(chosen, own, world), True)
-        tokens[src] = held[:, :world].sum(0)
+    for src, idx in enumerate(topk_idx):
+        idx = idx.cpu()
+        pairs[src] = torch.bincount(idx[idx >= 0] // (num_experts // world), minlength=world)
+        tokens[src] = token_ranks(idx, num_experts, world).sum(0)
     pairs.fill_diagonal_(0)
     tokens.fill_diagonal_(0)
 
@@ -206,8 +205,8 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
                                             line_ups=(queued, None))
         # The torch backend runs eagerly: its per-call rank check synchronises with the host.
         (torch_d, torch_c), = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
-        owners = [_inputs(t, hidden, experts, topk, src, dev)[1] // (experts // world) for src in range(world)]
-        bytes_d, bytes_d_once, bytes_c = crossing_bytes(owners, hidden)
+        ids = [_inputs(t, hidden, experts, topk, src, dev)[1] for src in range(world)]
+        bytes_d, bytes_d_once, bytes_c = crossing_bytes(ids, experts, hidden)
         row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_idle_us": idle_d,
                "combine_idle_us": idle_c, "dispatch_kernels_us": kernels_d, "combine_kernels_us": kernels_c,
                "torch_dispatch_us": torch_d, "torch_combine_us": torch_c, "dispatch_mb": bytes_d / 1e6,

@@ -78,6 +78,8 @@ def make_layout(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: i
     t, e = num_max_tokens, num_experts
     groups = hidden // GROUP
     recv = _align(8 * (num_ranks + 2 * e))
+    # A bound, not the exact need: combine rows [T, K, H] with K <= E, and a dispatch's areas, which
+    # it bounded when every (token, expert) pair had a message of its own (they take R/E of that now).
     recv_bytes = _align(max(e * t * (16 + max(2 * hidden, hidden + groups * 4)), e * t * 2 * hidden))
     row_bytes = hidden if use_fp8 else 2 * hidden
     header = recv + num_ranks * t * row_bytes
