@@ -57,13 +57,15 @@ def test_crossing_bytes_counts_pairs_and_tokens_per_remote_rank():
     # Rank 1: token 0 -> ranks 0, 0, 0.
     # Two experts, one per rank: an expert id is its owner's rank.
     owners = [torch.tensor([[1, 1, 0], [0, 0, 0], [1, -1, 0]]), torch.tensor([[0, 0, 0]])]
-    per_pair, once, combine = crossing_bytes(owners, 2, hidden)
+    per_pair, once, combine, summed = crossing_bytes(owners, 2, hidden)
     # Rank 0 sends 3 remote pairs in 2 tokens and receives 3 pairs in 1 token: the busiest side is 3 pairs.
     assert per_pair == 3 * (row + 16)
     assert once == max(2 * row + 3 * 8, 1 * row + 3 * 8)
     assert combine == 3 * 2 * hidden
+    # Summed on the experts' side: rank 0's tokens 0 and 2 each get one float32 row back from rank 1.
+    assert summed == 2 * 4 * hidden
 
 
 def test_crossing_bytes_of_a_rank_that_sends_nothing_remote():
     owners = [torch.zeros(4, 2, dtype=torch.int64), torch.ones(0, 2, dtype=torch.int64)]
-    assert crossing_bytes(owners, 2, 128) == (0, 0, 0)
+    assert crossing_bytes(owners, 2, 128) == (0, 0, 0, 0)

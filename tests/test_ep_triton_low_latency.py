@@ -2,8 +2,9 @@
 
 What the backend-parametrized tests (test_ep_low_latency.py) do not cover: bit-exact agreement
 with ``TorchLowLatency`` on random inputs (data, scales, counts, src_info, layout_range, the
-combine's sums), the receive hook with two micro-batches in flight, disagreeing ranks, a peer that
-never calls, and on GPUs a size sweep and CUDA-graph capture / replay.
+combine's sums, in slot order or, where the combine sums on the experts' side, in rank order),
+the receive hook with two micro-batches in flight, disagreeing ranks, a peer that never calls, and
+on GPUs a size sweep and CUDA-graph capture / replay.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Case:
     seed: int = 0
     empty: float = 0.25  # probability that a top-k slot is -1
     skip: list[int] = field(default_factory=list)  # ranks whose tokens all go to rank 0's experts
+    presum: bool | None = None  # the engine's combine_presum (None: its own choice)
 
 
 def _device() -> torch.device:
@@ -57,7 +59,22 @@ def _inputs(case: Case, call: int, dev: torch.device) -> tuple[torch.Tensor, tor
 
 def _buffer(case: Case, timeout_s: float = 60.0) -> Buffer:
     rdma = Buffer.get_low_latency_rdma_size_hint(case.T, case.H, dist.get_world_size(), case.E)
-    return Buffer(None, num_rdma_bytes=rdma, low_latency_mode=True, backend="triton", timeout_s=timeout_s)
+    buf = Buffer(None, num_rdma_bytes=rdma, low_latency_mode=True, backend="triton", timeout_s=timeout_s)
+    buf._low_latency.combine_presum = case.presum
+    return buf
+
+
+def _combine_reference(case: Case, buf: Buffer, oracle: TorchLowLatency, y, idx, weights, handle) -> torch.Tensor:
+    """The torch engine's combine in the order the triton engine sums this call (no hook)."""
+    rank_order = buf._low_latency.presums(case.T, case.H, case.E, case.K, hook=False)
+    if case.presum is not None:
+        assert rank_order == case.presum, "the case asks for a protocol the engine did not take"
+    ref, _ = oracle.combine(y, idx, weights, handle, zero_copy=False, out=None, defer_receive=False,
+                            rank_order=rank_order)
+    if rank_order:  # the two orders differ by float32 rounding only
+        slot_order, _ = oracle.combine(y, idx, weights, handle, zero_copy=False, out=None, defer_receive=False)
+        torch.testing.assert_close(ref, slot_order, rtol=1e-2, atol=1e-2)
+    return ref
 
 
 def _assert_dispatch_equal(case: Case, got, want) -> None:
@@ -65,6 +82,11 @@ def _assert_dispatch_equal(case: Case, got, want) -> None:
     assert torch.equal(got.recv_count, want[1]), (got.recv_count, want[1])
     for name in ("src_info", "layout_range", "src_rank", "src_slot"):
         assert torch.equal(getattr(got.handle, name), getattr(want[2], name)), name
+    for handle in (got.handle, want[2]):  # token_rows is defined only for the pairs received
+        rows = torch.nonzero(handle.src_rank.flatten() >= 0).flatten()
+        at = handle.token_rows[handle.src_rank.flatten()[rows], handle.src_info.flatten()[rows].long(),
+                               handle.src_slot.flatten()[rows]]
+        assert torch.equal(at.long(), rows), "token_rows"
     for e, n in enumerate(want[1].tolist()):
         if case.fp8:
             assert torch.equal(got.recv_x[0][e, :n].view(torch.uint8), want[0][0][e, :n].view(torch.uint8)), e
@@ -102,7 +124,7 @@ def compare_with_torch(case: Case, calls: int = 2) -> list[int]:
         assert torch.equal(stats, want_stats)
         y = _expert(got.recv_x[0] if case.fp8 else got.recv_x, dist.get_rank())
         out = buf.low_latency_combine(y, idx, weights, got.handle).combined_x
-        ref, _ = oracle.combine(y, idx, weights, want[2], zero_copy=False, out=None, defer_receive=False)
+        ref = _combine_reference(case, buf, oracle, y, idx, weights, want[2])
         assert torch.equal(out, ref), (out.float() - ref.float()).abs().max()
         received.append(int(got.recv_count.sum()))
     return received
@@ -186,12 +208,35 @@ def lonely_dispatch(case: Case, timeout_s: float) -> str:
     return str(info.value)
 
 
+def lonely_combine(case: Case, timeout_s: float) -> str:
+    """Every rank dispatches, then only rank 0 combines, summing on the experts' side: its wait
+    for the peers' weights gives up after the time limit and names the peer."""
+    case = on_every_rank(case)
+    dev = _device()
+    buf = _buffer(case, timeout_s=timeout_s)
+    x, idx, w = _inputs(case, 0, dev)
+    res = buf.low_latency_dispatch(x, idx, case.T, case.E, use_fp8=False)
+    if dist.get_rank() != 0:
+        return ""
+    with pytest.raises(TimeoutError) as info:
+        buf.low_latency_combine(_expert(res.recv_x, 0), idx, w, res.handle)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            buf._low_latency.check()
+    return str(info.value)
+
+
 CPU_CASES = {
     "bf16-2": Case(tokens=[4, 3], T=4, H=136, E=6, K=3),
     "fp8-2-one-empty": Case(tokens=[0, 5], T=5, H=256, E=4, K=2, fp8=True, seed=1),
     "fp8-round-2-full": Case(tokens=[4, 4], T=4, H=384, E=8, K=4, fp8=True, round_scale=True, seed=2),
     "ue8m0-3": Case(tokens=[3, 4, 2], T=4, H=512, E=6, K=2, fp8=True, round_scale=True, ue8m0=True, seed=3),
     "topk1-3-receives-nothing": Case(tokens=[2, 3, 3], T=3, H=128, E=9, K=1, empty=0.0, skip=[0, 1, 2], seed=4),
+    # The combine summing on the experts' side (a rank without tokens, 3 ranks, a rank receiving nothing).
+    "presum-fp8-2-one-empty": Case(tokens=[0, 5], T=5, H=256, E=4, K=3, fp8=True, seed=6, presum=True),
+    "presum-bf16-3": Case(tokens=[3, 4, 2], T=4, H=384, E=6, K=4, seed=7, presum=True),
+    "presum-topk1-3-receives-nothing": Case(tokens=[2, 3, 3], T=3, H=128, E=9, K=1, empty=0.0, skip=[0, 1, 2],
+                                            seed=8, presum=True),
 }
 
 
@@ -218,6 +263,8 @@ def test_timeout_names_op_rank_peer(clusters):
     # Under the interpreter the limit counts polls (about 1e4 a second), which run much slower.
     message = clusters(2).run(lonely_dispatch, Case(tokens=[2, 2], T=2, H=128, E=4, K=2), 0.02)[0]
     assert "low_latency_dispatch: rank 0 waited" in message and "for rank 1" in message
+    message = clusters(2).run(lonely_combine, Case(tokens=[2, 2], T=2, H=128, E=4, K=2, presum=True), 0.02)[0]
+    assert "low_latency_combine: rank 0 waited" in message and "for rank 1" in message
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -278,7 +325,7 @@ def graph_replay(case: Case, replays: int = 6) -> None:
                                use_ue8m0=False, cumulative_local_expert_recv_stats=None, defer_receive=False)
         _assert_dispatch_equal(case, res, want)
         y = _expert(res.recv_x[0] if case.fp8 else res.recv_x, me)
-        ref, _ = oracle.combine(y, idx, w, want[2], zero_copy=False, out=None, defer_receive=False)
+        ref = _combine_reference(case, buf, oracle, y, idx, w, want[2])
         assert torch.equal(out, ref), f"replay {replay}"
 
 

@@ -15,7 +15,10 @@ it receives) over the measured peer bandwidth, plus one measured flag round trip
 printed for dispatch: "d floor" counts a message per (token, expert) pair whose expert is on another
 GPU (FP8 ``H + H/128*4 + 16`` bytes each, as DeepEP's protocol moves them), "d floor, once per rank"
 counts what moekit moves: each token's row and scales once per other GPU that holds one of its
-experts, plus an 8-byte header per remote pair. Combine moves bf16 ``2H`` per remote pair back.
+experts, plus an 8-byte header per remote pair. Combine moves bf16 ``2H`` per remote pair back
+("c floor"); a combine that sums on the experts' side (column "c summed", see
+``TritonLowLatency.presums``; the hook's halves never do) moves one float32 ``4H`` row per
+(token, other GPU holding one of its experts) instead ("c floor, summed").
 """
 
 from __future__ import annotations
@@ -118,11 +121,12 @@ def _capture(fns: list[Callable[[], object]]) -> list[torch.cuda.CUDAGraph]:
 
 def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, repeat: int, hook: bool,
                   line_ups: tuple[Callable[[], None] | None, ...] = (None,), graphs: bool = True,
-                  kernels: bool = False) -> list[list[float]]:
+                  kernels: bool = False, info: dict | None = None) -> list[list[float]]:
     """For each of ``line_ups`` (None: from idle), the [dispatch, combine] medians, or with ``hook``
     [dispatch send, receive, combine send, receive]; replayed from CUDA graphs, or with
     ``graphs=False`` called eagerly. With ``kernels``, one more list: the steps' summed kernel
-    durations (:func:`_kernels_us`), queued behind the first line-up."""
+    durations (:func:`_kernels_us`), queued behind the first line-up. ``info["presum"]`` (triton):
+    whether the combine summed on the experts' side."""
     from moekit.ep import Buffer
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -130,6 +134,8 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     buf = Buffer(None, num_rdma_bytes=rdma, low_latency_mode=True, backend=backend)
     x, idx, weights = _inputs(t, hidden, experts, topk, dist.get_rank(), dev)
     state: dict[str, object] = {}
+    if info is not None and backend == "triton":
+        info["presum"] = buf._low_latency.presums(t, hidden, experts, topk, hook)
 
     def dispatch():
         state["d"] = buf.low_latency_dispatch(x, idx, t, experts, use_fp8=True, return_recv_hook=hook)
@@ -157,10 +163,11 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     return medians
 
 
-def crossing_bytes(topk_idx: list[torch.Tensor], num_experts: int, hidden: int) -> tuple[int, int, int]:
+def crossing_bytes(topk_idx: list[torch.Tensor], num_experts: int, hidden: int) -> tuple[int, int, int, int]:
     """Bytes that cross NVLink at the busiest rank (the larger of its sends and its receives): dispatch
     as one FP8 message per remote (token, expert) pair, dispatch as moekit sends it (each token
-    once per remote rank, an 8-byte header per pair), and combine (bf16 rows back per pair).
+    once per remote rank, an 8-byte header per pair), combine (bf16 rows back per pair), and
+    combine summed on the experts' side (a float32 row back per token and remote rank).
 
     ``topk_idx[s]``: int64 [T, K], the experts of rank s's tokens (-1: none).
     """
@@ -179,7 +186,7 @@ def crossing_bytes(topk_idx: list[torch.Tensor], num_experts: int, hidden: int) 
         return int(torch.maximum(moved.sum(0), moved.sum(1)).max())
 
     row = hidden + hidden // 128 * 4
-    return busiest(row + 16), busiest(8, row), busiest(2 * hidden)
+    return busiest(row + 16), busiest(8, row), busiest(2 * hidden), busiest(0, 4 * hidden)
 
 
 def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: int) -> list[dict] | None:
@@ -199,18 +206,21 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
         bandwidth = peer_copy_bandwidth_gbps(256 << 20)
     rows = []
     for t in tokens:
+        info: dict = {}
         (triton_d, triton_c), (idle_d, idle_c), (kernels_d, kernels_c) = _time_backend(
-            "triton", t, hidden, experts, topk, repeat, hook=False, line_ups=(queued, None), kernels=True)
+            "triton", t, hidden, experts, topk, repeat, hook=False, line_ups=(queued, None), kernels=True, info=info)
         halves, idle_halves = _time_backend("triton", t, hidden, experts, topk, repeat, hook=True,
                                             line_ups=(queued, None))
         # The torch backend runs eagerly: its per-call rank check synchronises with the host.
         (torch_d, torch_c), = _time_backend("torch", t, hidden, experts, topk, repeat, hook=False, graphs=False)
         ids = [_inputs(t, hidden, experts, topk, src, dev)[1] for src in range(world)]
-        bytes_d, bytes_d_once, bytes_c = crossing_bytes(ids, experts, hidden)
+        bytes_d, bytes_d_once, bytes_c, bytes_c_summed = crossing_bytes(ids, experts, hidden)
         row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_idle_us": idle_d,
                "combine_idle_us": idle_c, "dispatch_kernels_us": kernels_d, "combine_kernels_us": kernels_c,
                "torch_dispatch_us": torch_d, "torch_combine_us": torch_c, "dispatch_mb": bytes_d / 1e6,
-               "dispatch_once_mb": bytes_d_once / 1e6, "combine_mb": bytes_c / 1e6, "flag_rt_us": round_trip,
+               "dispatch_once_mb": bytes_d_once / 1e6, "combine_mb": bytes_c / 1e6,
+               "combine_summed_mb": bytes_c_summed / 1e6, "combine_summed": "yes" if info["presum"] else "no",
+               "flag_rt_us": round_trip,
                "tiny_graph_idle_us": tiny_idle, "tiny_graph_queued_us": tiny_queued}
         for name, value, idle in zip(("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"), halves,
                                      idle_halves):
@@ -218,7 +228,7 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
         if bandwidth is not None:
             row["peer_gbps"] = bandwidth
             for name, op, nbytes in (("dispatch", "dispatch", bytes_d), ("dispatch_once", "dispatch", bytes_d_once),
-                                     ("combine", "combine", bytes_c)):
+                                     ("combine", "combine", bytes_c), ("combine_summed", "combine", bytes_c_summed)):
                 floor = nbytes / (bandwidth * 1e3) + round_trip
                 row[f"{name}_floor_us"] = floor
                 row[f"{name}_x_floor"] = row[f"{op}_us"] / floor
@@ -256,9 +266,11 @@ def main(argv: list[str]) -> int:
                  "dispatch_x_floor": "d / floor", "dispatch_once_floor_us": "d floor, once per rank",
                  "dispatch_once_x_floor": "d / that floor", "torch_dispatch_us": "torch d (eager)",
                  "dispatch_speedup": "d speedup",
-                 "combine_us": "combine", "combine_kernels_us": "c kernels", "combine_send_us": "c send",
-                 "combine_recv_us": "c recv", "combine_idle_us": "c from idle", "combine_floor_us": "c floor",
-                 "combine_x_floor": "c / floor", "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},
+                 "combine_us": "combine", "combine_summed": "c summed", "combine_kernels_us": "c kernels",
+                 "combine_send_us": "c send", "combine_recv_us": "c recv", "combine_idle_us": "c from idle",
+                 "combine_floor_us": "c floor", "combine_x_floor": "c / floor",
+                 "combine_summed_floor_us": "c floor, summed", "combine_summed_x_floor": "c / that floor",
+                 "torch_combine_us": "torch c (eager)", "combine_speedup": "c speedup"},
         settings=vars(args) | {"ranks": world},
         rows=rows,
     )

@@ -96,4 +96,5 @@ def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, nu
     send = max(t * dispatch_msg, num_experts * t * combine_msg)
     recv = max(num_experts * t * dispatch_msg, num_experts * t * combine_msg)
     signals = 8 * (num_ranks + 2 * num_experts)  # params, flags and row counts
-    return _align(2 * (_align(send) + _align(recv) + _align(signals)))
+    weights = 8 * num_ranks * t * 64  # the summing combine's tagged weights, every top-k < 64
+    return _align(2 * (_align(send) + _align(recv) + _align(signals) + _align(weights)))

@@ -72,18 +72,21 @@ class LowLatencyHandle(tuple):
     ``src_info`` int32 [E_loc, R*T]: each received row's token index on its source rank;
     ``layout_range`` int64 [E_loc, R]: ``(begin << 32) | count`` of each source rank's block in an
     expert's slab. The attributes ``src_rank`` and ``src_slot`` (int64 [E_loc, R*T], -1 on unused
-    rows) say which rank and which top-k slot each row came from.
+    rows) say which rank and which top-k slot each row came from; ``token_rows`` (int32 [R, T, K])
+    the other way round: the slab row ``e * R*T + i`` (expert e, row i) that (source rank, token,
+    top-k slot) landed in, undefined for the pairs that did not come to this rank.
     """
 
     src_rank: torch.Tensor
     src_slot: torch.Tensor
+    token_rows: torch.Tensor
     num_topk: int
 
     def __new__(cls, src_info: torch.Tensor, layout_range: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                 hidden: int, num_experts: int, *, src_rank: torch.Tensor, src_slot: torch.Tensor,
-                num_topk: int) -> "LowLatencyHandle":
+                token_rows: torch.Tensor, num_topk: int) -> "LowLatencyHandle":
         self = super().__new__(cls, (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts))
-        self.src_rank, self.src_slot, self.num_topk = src_rank, src_slot, num_topk
+        self.src_rank, self.src_slot, self.token_rows, self.num_topk = src_rank, src_slot, token_rows, num_topk
         return self
 
     @property
@@ -117,6 +120,8 @@ def empty_low_latency_outputs(num_ranks: int, num_max_tokens: int, hidden: int, 
                               num_max_tokens, hidden, num_experts,
                               src_rank=torch.empty((e_loc, rows), dtype=torch.int64, device=device),
                               src_slot=torch.empty((e_loc, rows), dtype=torch.int64, device=device),
+                              token_rows=torch.empty((num_ranks, num_max_tokens, num_topk), dtype=torch.int32,
+                                                     device=device),
                               num_topk=num_topk)
     return recv_data, recv_scales, recv_count, handle
 

@@ -7,7 +7,9 @@ slabs with sorts and scatters on the device.
 
 Receive order, which the fast backends reproduce: within local expert e's slab, the rows are ordered
 by (source rank, source token index, top-k slot); ``layout_range[e, s]`` is that source's block.
-Combine sums each token's weighted rows in float32 in top-k slot order: ``acc = acc + w_k * row_k``.
+Combine sums each token's weighted rows in float32 in top-k slot order: ``acc = acc + w_k * row_k``;
+with ``rank_order`` (what the triton backend's call without the hook computes, summing on the
+experts' side first) it sums per expert rank in slot order, then those sums in rank order.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class TorchLowLatency:
         recv_data, recv_scales, recv_count, handle = empty_low_latency_outputs(
             r, t_max, hidden, num_experts, k, use_fp8, use_ue8m0, self.device)
         src_info, layout_range, src_rank, src_slot = handle.src_info, handle.layout_range, handle.src_rank, handle.src_slot
+        token_rows = handle.token_rows
 
         def receive() -> None:
             work.wait()
@@ -103,6 +106,8 @@ class TorchLowLatency:
             scatter((src_row % t_max).to(torch.int32), src_info, -1)
             scatter(src_row // t_max, src_rank, -1)
             scatter(order % k, src_slot, -1)
+            here = sorted_key < e_loc
+            token_rows.view(-1)[order[here]] = target[here].to(torch.int32)
             recv_count.copy_(counts[:e_loc])
             # Blocks per (expert, source rank): sizes, then exclusive prefix over sources.
             block = torch.where(valid, local * r + torch.arange(r, device=self.device).repeat_interleave(t_max)
@@ -132,7 +137,7 @@ class TorchLowLatency:
 
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 handle: LowLatencyHandle, *, zero_copy: bool, out: torch.Tensor | None,
-                defer_receive: bool) -> tuple[torch.Tensor, Callable[[], None]]:
+                defer_receive: bool, rank_order: bool = False) -> tuple[torch.Tensor, Callable[[], None]]:
         _, _, t_max, hidden, num_experts = handle
         r, k = self.num_ranks, handle.num_topk
         e_loc = num_experts // r
@@ -154,12 +159,15 @@ class TorchLowLatency:
             work.wait()
             back = recv.view(r, t_max, k, hidden)
             token = torch.arange(n, device=self.device)
+            owner = torch.where(topk_idx >= 0, topk_idx // e_loc, -1)
             acc = torch.zeros((n, hidden), dtype=torch.float32, device=self.device)
-            for slot in range(k):
-                ids = topk_idx[:, slot]
-                ok = (ids >= 0).unsqueeze(1)
-                rows = back[torch.where(ids >= 0, ids // e_loc, 0), token, slot].float()
-                acc = acc + torch.where(ok, topk_weights[:, slot:slot + 1] * rows, 0.0)
+            for ranks in ([[s] for s in range(r)] if rank_order else [list(range(r))]):
+                part = torch.zeros_like(acc)
+                for slot in range(k):
+                    ok = torch.isin(owner[:, slot], torch.tensor(ranks, device=self.device)).unsqueeze(1)
+                    rows = back[owner[:, slot].clamp(min=0), token, slot].float()
+                    part = part + torch.where(ok, topk_weights[:, slot:slot + 1] * rows, 0.0)
+                acc = acc + part
             result.copy_(acc.to(torch.bfloat16))
 
         if not defer_receive:

@@ -5,6 +5,9 @@ calls can be captured in CUDA graphs.
 Each call is a send launch and a receive launch (the receive hook); between them no kernel runs.
 Results match ``TorchLowLatency`` bit for bit: the receive order of every expert's slab, the FP8
 cast, the counts, ``src_info`` and ``layout_range``, and the combine's float32 sum in slot order.
+A combine without the hook may instead sum on the experts' side first
+(``low_latency_combine_presum``: half the bytes over NVLink at top-8 over 2 ranks), which
+``TorchLowLatency.combine(..., rank_order=True)`` matches bit for bit; see :meth:`presums`.
 
 Double buffering: the heap is split into two halves (parities); calls alternate between them,
 dispatch and combine alike, so a call never overwrites what the previous call still reads. A
@@ -31,6 +34,7 @@ import torch.distributed as dist
 
 from moekit.ep.heap import SymmetricHeap, interpreting
 from moekit.ep.kernels.low_latency_combine import launch_combine_receive, launch_combine_send
+from moekit.ep.kernels.low_latency_combine_presum import launch_presum_receive, launch_presum_send
 from moekit.ep.kernels.low_latency_dispatch import launch_dispatch_receive, launch_dispatch_send
 from moekit.ep.kernels.sync import ErrorRecord, op_code, wait_budget
 from moekit.ep.results import LowLatencyHandle, empty_low_latency_outputs
@@ -39,6 +43,11 @@ from moekit.fp8 import GROUP
 _ALIGN = 128
 # Bit widths of the sizes packed into a call's params word (see _params).
 _LIMITS = {"num_max_dispatch_tokens_per_rank": 16, "hidden": 23, "num_experts": 14, "num_topk": 6}
+# Bytes a rank must expect to send less before a combine sums on the experts' side: that costs a
+# launch and a wait for the peers' weights, a few microseconds (see BENCHMARKS.md).
+PRESUM_MIN_SAVED_BYTES = 1 << 20
+# Top-k slots the summing combine's weights area holds per token: every top-k the params allow.
+PRESUM_MAX_TOPK = 1 << _LIMITS["num_topk"]
 
 
 def _align(n: int) -> int:
@@ -53,8 +62,11 @@ class Layout:
     count per (local expert, source)) sit at fixed offsets (they do not depend on the sizes, so a
     receiver can read a peer's params even when the sizes disagree). The receive area holds a
     dispatch's token rows (``data`` [R, T, row bytes], ``scales`` [R, T, H/128] float32) and
-    message slots (``header`` int32 [E, T, 2]), or combine rows [T, K, H] bf16; ``send`` is the
-    zero-copy combine source [E_loc, R*T, H] bf16. ``end`` is the first byte past it.
+    message slots (``header`` int32 [E, T, 2]), or combine rows [T, K, H] bf16, or the summing
+    combine's partial rows float32 [R, T, H]; ``send`` is the zero-copy combine source [E_loc, R*T,
+    H] bf16; ``weights`` the summing combine's tagged weights int64 [R, T, K] (K < 64), an area
+    that nothing else writes, so that no stale word can carry a later call's tag. ``end`` is the
+    first byte past it.
     """
 
     params: int
@@ -65,12 +77,13 @@ class Layout:
     data: int
     header: int
     scales: int
+    weights: int
     send: int
     end: int
 
     def offsets(self) -> dict[str, int]:
         return {"params": self.params, "flags": self.flags, "rows": self.rows, "recv": self.recv,
-                "data": self.data, "header": self.header, "scales": self.scales}
+                "data": self.data, "header": self.header, "scales": self.scales, "weights": self.weights}
 
 
 def make_layout(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: int, use_fp8: bool) -> Layout:
@@ -84,13 +97,25 @@ def make_layout(num_ranks: int, num_max_tokens: int, hidden: int, num_experts: i
     row_bytes = hidden if use_fp8 else 2 * hidden
     header = recv + num_ranks * t * row_bytes
     send = recv + recv_bytes
+    weights = send + _align(e * t * 2 * hidden)
     return Layout(params=0, flags=8 * num_ranks, rows=8 * (num_ranks + e), recv=recv, recv_bytes=recv_bytes, data=recv,
-                  header=header, scales=header + e * t * 8, send=send, end=send + _align(e * t * 2 * hidden))
+                  header=header, scales=header + e * t * 8, send=send, weights=weights,
+                  end=weights + _align(num_ranks * t * PRESUM_MAX_TOPK * 8))
 
 
-def _params(combine: bool, sizes: dict[str, int], use_fp8: bool, use_ue8m0: bool) -> int:
-    """One int64 that two ranks' calls share exactly when they agree (op, sizes, formats)."""
-    word = int(combine) * 4 + int(use_fp8) * 2 + int(use_ue8m0)
+def presum_saved_bytes(num_ranks: int, num_max_tokens: int, hidden: int, num_topk: int) -> float:
+    """Bytes a rank sends its peers less in a full combine (T tokens, experts chosen uniformly)
+    when it sums on the experts' side: one float32 row per (token, rank holding one of its
+    experts) instead of one bf16 row per (token, expert)."""
+    r, t, k = num_ranks, num_max_tokens, num_topk
+    per_pair = t * k * (r - 1) / r * 2 * hidden
+    reach = 1 - (1 - 1 / r) ** k  # the chance that a token has an expert on a given rank
+    return per_pair - t * (r - 1) * reach * 4 * hidden
+
+
+def _params(combine: bool, sizes: dict[str, int], use_fp8: bool, use_ue8m0: bool, presum: bool = False) -> int:
+    """One int64 that two ranks' calls share exactly when they agree (op, protocol, sizes, formats)."""
+    word = int(presum) * 8 + int(combine) * 4 + int(use_fp8) * 2 + int(use_ue8m0)
     for name, bits in _LIMITS.items():
         value = sizes[name]
         if not 0 <= value < 1 << bits:
@@ -105,6 +130,11 @@ class TritonLowLatency:
     Args:
         group: the process group; device: this rank's device.
         settings: ``backends.EngineSettings``; the heap has ``num_rdma_bytes`` bytes (both parities).
+
+    Attributes:
+        combine_presum: ``None`` (default) lets :meth:`presums` choose the combine protocol per call;
+            ``True`` / ``False`` force summing on the experts' side (where it fits) or not. Every
+            rank must use the same setting.
     """
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, settings) -> None:
@@ -122,6 +152,7 @@ class TritonLowLatency:
         self.epochs = torch.zeros((2, 2), dtype=torch.int64, device=device)
         self.errors = ErrorRecord(device)
         self.max_wait = wait_budget(self.timeout_s, self.interpret)
+        self.combine_presum: bool | None = None
         self._calls = 0
 
     # ------------------------------------------------------------------ helpers
@@ -139,6 +170,19 @@ class TritonLowLatency:
             raise ValueError(f"num_rdma_bytes: {self.heap.nbytes} bytes cannot hold T={t_max}, H={hidden}, "
                              f"E={num_experts}, top-k={num_topk} (need {2 * layout.end} bytes, and top-k <= E)")
         return layout
+
+    def presums(self, num_max_tokens: int, hidden: int, num_experts: int, num_topk: int, hook: bool) -> bool:
+        """Whether a combine of these sizes sums on the experts' side: never with the receive hook
+        (its send half must not wait for the peers' weights), only where the receive area holds
+        the partial rows and the weights, and then where ``combine_presum`` says so, or by default
+        where it saves at least ``PRESUM_MIN_SAVED_BYTES`` (:func:`presum_saved_bytes`)."""
+        layout = self._layout(num_max_tokens, hidden, num_experts, num_topk, False)
+        fits = self.num_ranks * num_max_tokens * hidden * 4 <= layout.recv_bytes
+        if hook or not fits or self.num_ranks == 1:
+            return False
+        if self.combine_presum is not None:
+            return self.combine_presum
+        return presum_saved_bytes(self.num_ranks, num_max_tokens, hidden, num_topk) >= PRESUM_MIN_SAVED_BYTES
 
     def _next_parity(self) -> tuple[int, int]:
         parity = self._calls & 1
@@ -168,14 +212,14 @@ class TritonLowLatency:
 
         recv_data, recv_scales, recv_count, handle = empty_low_latency_outputs(
             r, t_max, hidden, num_experts, k, use_fp8, use_ue8m0, self.device)
-        src_info, layout_range, src_rank, src_slot = handle.src_info, handle.layout_range, handle.src_rank, handle.src_slot
         stats = cumulative_local_expert_recv_stats
 
         def receive() -> None:
             launch_dispatch_receive(self.heap.ptrs, self.epochs, parity, half_base, params, layout.offsets(),
                                     self.rank, r, t_max, hidden, e_loc, self.max_wait, self.errors.address,
-                                    op_code("low_latency_dispatch"), recv_data, recv_scales, src_info, src_rank,
-                                    src_slot, layout_range, recv_count, stats, use_fp8, use_ue8m0, self.interpret)
+                                    op_code("low_latency_dispatch"), recv_data, recv_scales, handle.src_info,
+                                    handle.src_rank, handle.src_slot, handle.token_rows, handle.layout_range,
+                                    recv_count, stats, use_fp8, use_ue8m0, self.interpret)
             self.check()
 
         if not defer_receive:
@@ -200,20 +244,31 @@ class TritonLowLatency:
         r, k = self.num_ranks, handle.num_topk
         layout = self._layout(t_max, hidden, num_experts, k, False)
         source = self.combine_buffer(t_max, hidden, num_experts) if zero_copy else x.contiguous()
+        presum = self.presums(t_max, hidden, num_experts, k, defer_receive)
         params = _params(True, {"num_max_dispatch_tokens_per_rank": t_max, "hidden": hidden,
-                                "num_experts": num_experts, "num_topk": k}, False, False)
+                                "num_experts": num_experts, "num_topk": k}, False, False, presum)
         parity, half_base = self._next_parity()
-        launch_combine_send(source, handle.src_info, handle.src_slot, handle.layout_range, self.heap.ptrs, self.epochs,
-                            parity, half_base, params, layout.offsets(), self.rank, r, t_max, k)
+        topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()
+        op = op_code("low_latency_combine")
+        if presum:
+            launch_presum_send(source, topk_weights, handle, self.heap.ptrs, self.epochs, parity, half_base, params,
+                               layout.offsets(), self.rank, r, self.max_wait, self.errors.address, op, self.interpret)
+        else:
+            launch_combine_send(source, handle.src_info, handle.src_slot, handle.layout_range, self.heap.ptrs,
+                                self.epochs, parity, half_base, params, layout.offsets(), self.rank, r, t_max, k)
         n = topk_idx.shape[0]
         result = out if out is not None else torch.empty((n, hidden), dtype=torch.bfloat16, device=self.device)
         target = result if result.is_contiguous() else torch.empty_like(result, memory_format=torch.contiguous_format)
-        topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()
 
         def receive() -> None:
-            launch_combine_receive(topk_idx, topk_weights, target, self.heap.ptrs, self.epochs, parity, half_base,
-                                   params, layout.offsets(), self.rank, r, num_experts // r, self.max_wait,
-                                   self.errors.address, op_code("low_latency_combine"), self.interpret)
+            if presum:
+                launch_presum_receive(topk_idx, target, self.heap.ptrs, self.epochs, parity, half_base, params,
+                                      layout.offsets(), self.rank, r, t_max, num_experts // r, self.max_wait,
+                                      self.errors.address, op, self.interpret)
+            else:
+                launch_combine_receive(topk_idx, topk_weights, target, self.heap.ptrs, self.epochs, parity, half_base,
+                                       params, layout.offsets(), self.rank, r, num_experts // r, self.max_wait,
+                                       self.errors.address, op, self.interpret)
             if target is not result:
                 result.copy_(target)
             self.check()

@@ -284,15 +284,17 @@ def launch_dispatch_send(x: torch.Tensor, topk_idx: torch.Tensor, ptrs: torch.Te
 #   expert le = token row (s, header token) of message slot (le, s, j): data words
 #   [c * TILE_WORDS, (c + 1) * TILE_WORDS), and (c = 0) scales (UE8M0: exponent bytes, four per
 #   int32), src_info = header token, src_rank = s,
-#   src_slot = header slot, layout_range[le, s] = (begin << 32) | n_s. Program (le, R - 1, 0)
+#   src_slot = header slot, token_rows[s, token, slot] = the slab row (le * R*T + begin + j),
+#   layout_range[le, s] = (begin << 32) | n_s. Program (le, R - 1, 0)
 #   writes recv_count[le] = sum(n), adds it to the stats and marks the unused rows' src_info /
 #   src_rank / src_slot with -1.
 @triton.jit
 def low_latency_dispatch_receive_kernel(
         ptrs, epochs_ptr, parity, half_base, call_params, params_off, flags_off, rows_off, data_off, header_off,
         scales_off, rank, max_wait, error_addr, op,
-        out_data, out_scales, src_info, src_rank, src_slot, layout_range, recv_count, stats,
-        E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, H: tl.constexpr, BLOCK_R: tl.constexpr,
+        out_data, out_scales, src_info, src_rank, src_slot, token_rows, layout_range, recv_count, stats,
+        E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_WORDS: tl.constexpr, BLOCK_G: tl.constexpr,
         USE_FP8: tl.constexpr, USE_UE8M0: tl.constexpr, HAS_STATS: tl.constexpr, INTERPRET: tl.constexpr):
     le = tl.program_id(0)
@@ -364,6 +366,7 @@ def low_latency_dispatch_receive_kernel(
             tl.store(src_info + out_row0 + slot, tok, mask=present)
             tl.store(src_rank + out_row0 + slot, tl.zeros_like(slot).to(tl.int64) + s, mask=present)
             tl.store(src_slot + out_row0 + slot, k.to(tl.int64), mask=present)
+            tl.store(token_rows + (s * T + tok) * K + k, (out_row0 + slot).to(tl.int32), mask=present)
             tl.store(layout_range + le * NUM_RANKS + s, (begin.to(tl.int64) << 32) | n.to(tl.int64))
             if s == NUM_RANKS - 1:
                 total = begin + n
@@ -382,17 +385,18 @@ def launch_dispatch_receive(ptrs: torch.Tensor, epochs: torch.Tensor, parity: in
                             offsets: dict[str, int], rank: int, num_ranks: int, num_max_tokens: int, hidden: int,
                             e_loc: int, max_wait: int, error_addr: int, op: int, out_data: torch.Tensor,
                             out_scales: torch.Tensor | None, src_info: torch.Tensor, src_rank: torch.Tensor,
-                            src_slot: torch.Tensor, layout_range: torch.Tensor, recv_count: torch.Tensor,
-                            stats: torch.Tensor | None, use_fp8: bool, use_ue8m0: bool, interpret: bool) -> None:
+                            src_slot: torch.Tensor, token_rows: torch.Tensor, layout_range: torch.Tensor,
+                            recv_count: torch.Tensor, stats: torch.Tensor | None, use_fp8: bool, use_ue8m0: bool,
+                            interpret: bool) -> None:
     """Fills the receive outputs (shapes as in ``TorchLowLatency.dispatch``) from this rank's heap."""
     row_words = (hidden if use_fp8 else 2 * hidden) // 4
     tile_words = min(next_pow2(row_words), 1024)  # one program per 1024 words of a row
     low_latency_dispatch_receive_kernel[(e_loc, num_ranks, triton.cdiv(row_words, tile_words))](
         ptrs, epochs, parity, half_base, call_params, offsets["params"], offsets["flags"], offsets["rows"],
         offsets["data"], offsets["header"], offsets["scales"], rank, max_wait, error_addr, op,
-        out_data, out_scales if out_scales is not None else out_data, src_info, src_rank, src_slot, layout_range,
-        recv_count, stats if stats is not None else recv_count,
-        E_LOC=e_loc, NUM_RANKS=num_ranks, T=num_max_tokens, H=hidden, BLOCK_R=next_pow2(num_ranks),
-        BLOCK_ROWS=next_pow2(num_max_tokens), TILE_ROWS=max(1, TILE // tile_words),
+        out_data, out_scales if out_scales is not None else out_data, src_info, src_rank, src_slot, token_rows,
+        layout_range, recv_count, stats if stats is not None else recv_count,
+        E_LOC=e_loc, NUM_RANKS=num_ranks, T=num_max_tokens, K=token_rows.shape[2], H=hidden,
+        BLOCK_R=next_pow2(num_ranks), BLOCK_ROWS=next_pow2(num_max_tokens), TILE_ROWS=max(1, TILE // tile_words),
         TILE_WORDS=tile_words, BLOCK_G=next_pow2(max(hidden // 128, 4)), USE_FP8=use_fp8,
         USE_UE8M0=use_ue8m0, HAS_STATS=stats is not None, INTERPRET=interpret, num_warps=4)
