@@ -84,7 +84,7 @@ def combine_send_chunks(num_max_tokens: int, words: int) -> int:
 
 
 @triton.jit
-def _mul_rn(a, b, INTERPRET: tl.constexpr):
+def mul_rn(a, b, INTERPRET: tl.constexpr):
     """a * b rounded on its own: ``mul.rn`` is never fused into an FMA with the following add, so
     the sum matches torch's separate multiply and add bit for bit."""
     if INTERPRET:
@@ -95,7 +95,7 @@ def _mul_rn(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _to_bf16(v, INTERPRET: tl.constexpr):
+def to_bf16(v, INTERPRET: tl.constexpr):
     """float32 -> bf16 rounded to nearest even, as torch; the interpreter's own cast truncates."""
     if INTERPRET:
         bits = v.to(tl.int32, bitcast=True)
@@ -145,8 +145,8 @@ def low_latency_combine_receive_kernel(
             used = tl.load(topk_ptr + t * K + k) >= 0
             w = tl.load(weights_ptr + t * K + k)
             v = tl.load(rows + k * H + h, mask=live & used, other=0.0, cache_modifier=".cg")
-            acc = tl.where(used, acc + _mul_rn(w, v.to(tl.float32), INTERPRET), acc)
-        tl.store(out_ptr + t.to(tl.int64) * H + h, _to_bf16(acc, INTERPRET), mask=live)
+            acc = tl.where(used, acc + mul_rn(w, v.to(tl.float32), INTERPRET), acc)
+        tl.store(out_ptr + t.to(tl.int64) * H + h, to_bf16(acc, INTERPRET), mask=live)
 
 
 def launch_combine_receive(topk_idx: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor, ptrs: torch.Tensor,

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
-from moekit.ep.kernels.low_latency_combine import _mul_rn, _to_bf16, combine_receive_span
-from moekit.ep.kernels.low_latency_dispatch import _CALL_SHARES, arrival_share, wait_call
+from moekit.ep.kernels.low_latency_combine import mul_rn, to_bf16, combine_receive_span
+from moekit.ep.kernels.low_latency_dispatch import CALL_SHARES, arrival_share, wait_call
 from moekit.ep.kernels.sync import error_pointer, record_timeout
 
 # Channels and tokens one program of the sums covers: at T = 128, H = 7168 and 2 ranks, 896
@@ -118,7 +118,7 @@ def low_latency_presum_send_kernel(
         row_k = tl.sum(tl.where(pick, row, 0), axis=1)
         w_k = tl.sum(tl.where(pick, w, 0.0), axis=1)
         y_k = tl.load(x_ptr + row_k[:, None] * H + h[None, :], mask=held_k[:, None] & live[None, :], other=0.0)
-        acc = tl.where(held_k[:, None], acc + _mul_rn(w_k[:, None], y_k.to(tl.float32), INTERPRET), acc)
+        acc = tl.where(held_k[:, None], acc + mul_rn(w_k[:, None], y_k.to(tl.float32), INTERPRET), acc)
     base = tl.load(ptrs + s) + half_base
     # Partial rows are 16-byte aligned (4 * H is a multiple of 16): wide stores.
     dst = tl.multiple_of((base + partial_off + (rank * T + t).to(tl.int64) * (4 * H)).to(tl.pointer_type(tl.float32)),
@@ -129,7 +129,7 @@ def low_latency_presum_send_kernel(
         tl.store((base + params_off + rank * 8).to(tl.pointer_type(tl.int64)), call_params)
         le = 1 + tl.arange(0, BLOCK_E)
         tl.atomic_add((base + flags_off + (le * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64)),
-                      tl.full([BLOCK_E], _CALL_SHARES, tl.int64), mask=le < E_LOC, sem="relaxed", scope="sys")
+                      tl.full([BLOCK_E], CALL_SHARES, tl.int64), mask=le < E_LOC, sem="relaxed", scope="sys")
     tl.debug_barrier()
     # Release: this program's partial rows (and the words above) land before its share is counted.
     GROUPS: tl.constexpr = (T + TOKENS - 1) // TOKENS
@@ -171,7 +171,7 @@ def low_latency_presum_receive_kernel(
             used = tl.max((owner == s).to(tl.int32), axis=0) > 0
             v = tl.load(rows + s * (T * H) + h, mask=live & used, other=0.0, cache_modifier=".cg")
             acc = tl.where(used, acc + v, acc)
-        tl.store(out_ptr + t.to(tl.int64) * H + h, _to_bf16(acc, INTERPRET), mask=live)
+        tl.store(out_ptr + t.to(tl.int64) * H + h, to_bf16(acc, INTERPRET), mask=live)
 
 
 # ----------------------------------------------------------------------------------------- launchers

@@ -75,7 +75,7 @@ def fp8_cast_groups(v, ROUND_SCALE: tl.constexpr, INTERPRET: tl.constexpr):
 
 # What one call's arrivals on a flag add up to: the flag's value after the call with epoch p is
 # p << 32, and before its last arrival less than that.
-_CALL_SHARES = tl.constexpr(1 << 32)
+CALL_SHARES = tl.constexpr(1 << 32)
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def arrival_share(index, count):
     """The share that arrival ``index`` of ``count`` (int64 tensors, count >= 1) adds to a flag: the
     shares of all ``count`` arrivals add up to exactly one call's worth (``1 << 32``), whatever their
     order."""
-    return _CALL_SHARES // count + tl.where(index == 0, _CALL_SHARES % count, 0)
+    return CALL_SHARES // count + tl.where(index == 0, CALL_SHARES % count, 0)
 
 
 @triton.jit
@@ -239,7 +239,7 @@ def low_latency_dispatch_send_kernel(
                   arrival_share(arrival, tl.maximum(count, 1).to(tl.int64) * CHUNKS), mask=valid, sem="release",
                   scope="sys")
     tl.atomic_add((base_mine + flags_off + word_mine).to(tl.pointer_type(tl.int64)),
-                  tl.full([BLOCK_EPP], _CALL_SHARES, tl.int64), mask=empty, sem="release", scope="sys")
+                  tl.full([BLOCK_EPP], CALL_SHARES, tl.int64), mask=empty, sem="release", scope="sys")
 
 
 # Elements of one step of the send's scan of the top-k ids (tokens x K x experts compared), and
@@ -294,8 +294,8 @@ def low_latency_dispatch_receive_kernel(
         scales_off, rank, max_wait, error_addr, op,
         out_data, out_scales, src_info, src_rank, src_slot, token_rows, layout_range, recv_count, stats,
         E_LOC: tl.constexpr, NUM_RANKS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_WORDS: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_WORDS: tl.constexpr,
+        BLOCK_G: tl.constexpr,
         USE_FP8: tl.constexpr, USE_UE8M0: tl.constexpr, HAS_STATS: tl.constexpr, INTERPRET: tl.constexpr):
     le = tl.program_id(0)
     s = tl.program_id(1)
