@@ -334,6 +334,10 @@ class Buffer:
                             combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> LowLatencyCombineResult:
         """Decoding combine: rows go back and each token gets the WEIGHTED sum over its top-k slots.
 
+        The sum is float32, in top-k slot order. Without the hook, the triton backend may instead
+        sum on the experts' side first (see README, "The triton backend"): float32 per expert rank
+        in slot order, then over the ranks, which can differ from slot order in the last bit.
+
         Args:
             x: bf16 [E_loc, R*T, H], expert outputs in the dispatch layout (ignored with ``zero_copy``,
                 which reads the buffer ``get_next_low_latency_combine_buffer`` returned).

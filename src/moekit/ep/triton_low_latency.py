@@ -174,8 +174,8 @@ class TritonLowLatency:
     def presums(self, num_max_tokens: int, hidden: int, num_experts: int, num_topk: int, hook: bool) -> bool:
         """Whether a combine of these sizes sums on the experts' side: never with the receive hook
         (its send half must not wait for the peers' weights), only where the receive area holds
-        the partial rows and the weights, and then where ``combine_presum`` says so, or by default
-        where it saves at least ``PRESUM_MIN_SAVED_BYTES`` (:func:`presum_saved_bytes`)."""
+        the partial rows (float32 [R, T, H]), and then where ``combine_presum`` says so, or by
+        default where it saves at least ``PRESUM_MIN_SAVED_BYTES`` (:func:`presum_saved_bytes`)."""
         layout = self._layout(num_max_tokens, hidden, num_experts, num_topk, False)
         fits = self.num_ranks * num_max_tokens * hidden * 4 <= layout.recv_bytes
         if hook or not fits or self.num_ranks == 1:
