@@ -164,7 +164,7 @@ def low_latency_dispatch_send_kernel(
     mine = (tl.arange(0, BLOCK_EPP) < EPP) & (ee < E)
     dest = tl.where(valid, ids // E_LOC, 0)
     le = tl.where(valid, ids % E_LOC, 0)
-    # Loads that need only the ids are issued before the scan, so that their latency overlaps it.
+    # What needs only the ids (the peers' heap addresses, the token's channels) comes before the scan.
     base = tl.load(ptrs + dest) + half_base
     base_mine = tl.load(ptrs + tl.where(mine, ee // E_LOC, 0)) + half_base
     src = x_ptr + t.to(tl.int64) * H
@@ -180,6 +180,26 @@ def low_latency_dispatch_send_kernel(
         h = c * SPAN + tl.arange(0, BLOCK)
         live = (tl.arange(0, BLOCK) < SPAN) & (h < H)
         v = tl.load(src + h, mask=live & (t < num_tokens))
+
+    # The token's row goes once to each owner: from the first slot naming it. Its place there needs
+    # no scan, so it is stored first and crosses NVLink while the scan runs (its registers are then
+    # free for the scan's).
+    same_dest = (kk[None, :] < kk[:, None]) & valid[None, :] & (dest[None, :] == dest[:, None])
+    first_to_dest = valid & (tl.sum(same_dest.to(tl.int32), axis=1) == 0)
+    token_row = (rank * T + t).to(tl.int64)
+    ROW_BYTES: tl.constexpr = H if USE_FP8 else 2 * H
+    # Rows start 16-byte aligned (row bytes are a multiple of 16): wide stores.
+    data = base + data_off + token_row * ROW_BYTES
+    if USE_FP8:
+        fp8, scale = fp8_cast_groups(v.to(tl.float32), ROUND_SCALE, INTERPRET)
+        dst = tl.multiple_of(data.to(tl.pointer_type(tl.uint8)), 16)
+        tl.store(dst[:, None, None] + offs[None, :, :], fp8[None, :, :],
+                 mask=first_to_dest[:, None, None] & live[None, :, None])
+        scales = (base + scales_off + token_row * (G * 4)).to(tl.pointer_type(tl.float32))
+        tl.store(scales[:, None] + group[None, :], scale[None, :], mask=first_to_dest[:, None] & live[None, :])
+    else:
+        dst = tl.multiple_of(data.to(tl.pointer_type(tl.bfloat16)), 16)
+        tl.store(dst[:, None] + h[None, :], v[None, :], mask=first_to_dest[:, None] & live[None, :])
 
     # How many earlier (high 16 bits) and all (low 16 bits; at most T < 2**16) tokens chose each of
     # this token's experts, and all tokens each of this program's designated experts. Two steps or
@@ -200,23 +220,6 @@ def low_latency_dispatch_send_kernel(
     before = (counts >> 16) & 0xFFFF
 
     row = (le * NUM_RANKS + rank) * T + tl.where(valid, before, 0)  # int64: message slot on dest
-    # The token's row goes once to each owner: from the first slot naming it.
-    same_dest = (kk[None, :] < kk[:, None]) & valid[None, :] & (dest[None, :] == dest[:, None])
-    first_to_dest = valid & (tl.sum(same_dest.to(tl.int32), axis=1) == 0)
-    token_row = (rank * T + t).to(tl.int64)
-    ROW_BYTES: tl.constexpr = H if USE_FP8 else 2 * H
-    # Rows start 16-byte aligned (row bytes are a multiple of 16): wide stores.
-    data = base + data_off + token_row * ROW_BYTES
-    if USE_FP8:
-        fp8, scale = fp8_cast_groups(v.to(tl.float32), ROUND_SCALE, INTERPRET)
-        dst = tl.multiple_of(data.to(tl.pointer_type(tl.uint8)), 16)
-        tl.store(dst[:, None, None] + offs[None, :, :], fp8[None, :, :],
-                 mask=first_to_dest[:, None, None] & live[None, :, None])
-        scales = (base + scales_off + token_row * (G * 4)).to(tl.pointer_type(tl.float32))
-        tl.store(scales[:, None] + group[None, :], scale[None, :], mask=first_to_dest[:, None] & live[None, :])
-    else:
-        dst = tl.multiple_of(data.to(tl.pointer_type(tl.bfloat16)), 16)
-        tl.store(dst[:, None] + h[None, :], v[None, :], mask=first_to_dest[:, None] & live[None, :])
     two = tl.arange(0, 2)
     header = (base + header_off + row * 8).to(tl.pointer_type(tl.int32))
     tl.store(header[:, None] + two[None, :], tl.where(two[None, :] == 0, t, kk[:, None]),
