@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
-from moekit.ep.kernels.low_latency_dispatch import TILE, arrival_share, wait_call
+from moekit.ep.kernels.low_latency_dispatch import TILE, arrival_share, finish_call, wait_call
 from moekit.ep.kernels.sync import error_pointer
 
 
@@ -118,8 +118,7 @@ def low_latency_combine_receive_kernel(
         BLOCK_W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1)
-    epoch = tl.load(epochs_ptr + 2 + parity)
-    tl.store(epochs_ptr + parity, epoch)
+    epoch = finish_call(epochs_ptr, parity)
     # Even a rank without tokens waits for every source: a source signals this call only after it
     # finished receiving the previous one, so this rank's next send cannot overwrite what a peer
     # still reads. Lanes [0, R): flags[0, :]; lanes [BLOCK_R, BLOCK_R + K): token t's experts.

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.low_latency_combine import mul_rn, to_bf16, combine_receive_span
-from moekit.ep.kernels.low_latency_dispatch import CALL_SHARES, arrival_share, wait_call
+from moekit.ep.kernels.low_latency_dispatch import CALL_SHARES, arrival_share, finish_call, wait_call
 from moekit.ep.kernels.sync import error_pointer, record_timeout
 
 # Channels and tokens one program of the sums covers: at T = 128, H = 7168 and 2 ranks, 896
@@ -150,8 +150,7 @@ def low_latency_presum_receive_kernel(
         INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1)
-    epoch = tl.load(epochs_ptr + 2 + parity)
-    tl.store(epochs_ptr + parity, epoch)
+    epoch = finish_call(epochs_ptr, parity)
     # Even a rank without tokens waits for every source (see ``low_latency_combine_receive_kernel``).
     local_base = tl.load(ptrs + rank) + half_base
     lane = tl.arange(0, BLOCK_R)

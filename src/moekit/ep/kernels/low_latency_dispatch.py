@@ -87,6 +87,15 @@ def arrival_share(index, count):
 
 
 @triton.jit
+def finish_call(epochs_ptr, parity):
+    """The epoch of the call in flight at ``parity``, now recorded as that parity's last completed
+    call: what a receive, the call's last launch, does first (every program writes the same value)."""
+    epoch = tl.load(epochs_ptr + 2 + parity)
+    tl.store(epochs_ptr + parity, epoch)
+    return epoch
+
+
+@triton.jit
 def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_mask, peers, epoch, max_wait, error, op,
               rank, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
     """Waits until the flags ``flags[flag_index]`` under ``wait_mask`` reached this call's ``epoch``
@@ -303,8 +312,7 @@ def low_latency_dispatch_receive_kernel(
     le = tl.program_id(0)
     s = tl.program_id(1)
     c = tl.program_id(2)
-    epoch = tl.load(epochs_ptr + 2 + parity)
-    tl.store(epochs_ptr + parity, epoch)
+    epoch = finish_call(epochs_ptr, parity)
     local_base = tl.load(ptrs + rank) + half_base
     error = error_pointer(error_addr)
     # Lanes [0, R): flags[0, :]; lanes [BLOCK_R, BLOCK_R + R): flags[le, :].
