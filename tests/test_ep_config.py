@@ -29,6 +29,19 @@ def test_size_hints_grow_with_the_work():
     assert hint(128, 7168, 8, 256) >= 2 * 256 * 128 * 7168 * 2
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("ranks,tokens,hidden,experts", [(2, 1, 128, 2), (2, 128, 7168, 256), (3, 5, 384, 9),
+                                                         (8, 256, 7168, 256), (16, 64, 2048, 32)])
+def test_low_latency_layout_fits_its_size_hint(fp8, ranks, tokens, hidden, experts):
+    from moekit.ep.triton_low_latency import make_layout
+
+    layout = make_layout(ranks, tokens, hidden, experts, fp8)
+    assert 2 * layout.end <= Buffer.get_low_latency_rdma_size_hint(tokens, hidden, ranks, experts)
+    # the areas in order, none overlapping the next
+    assert layout.recv >= layout.rows + 8 * experts and layout.send == layout.recv + layout.recv_bytes
+    assert layout.weights >= layout.send + experts // ranks * ranks * tokens * hidden * 2
+
+
 @pytest.mark.parametrize("bad", [0, -2, 2.5])
 def test_config_rejects_bad_values(bad):
     with pytest.raises((TypeError, ValueError), match="Config.num_max_nvl_chunked_send_tokens"):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 # Ranks that share one NVLink domain (a host); larger groups span several and report per-domain counts.
 NUM_MAX_NVL_PEERS = 8
+# Bits of a low-latency call's top-k (the triton backend packs it into a word): top-k < 64.
+LOW_LATENCY_TOPK_BITS = 6
 _ALIGN = 128
 
 
@@ -96,5 +98,5 @@ def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, nu
     send = max(t * dispatch_msg, num_experts * t * combine_msg)
     recv = max(num_experts * t * dispatch_msg, num_experts * t * combine_msg)
     signals = 8 * (num_ranks + 2 * num_experts)  # params, flags and row counts
-    weights = 8 * num_ranks * t * 64  # the summing combine's tagged weights, every top-k < 64
+    weights = 8 * num_ranks * t * (1 << LOW_LATENCY_TOPK_BITS)  # the summing combine's tagged weights
     return _align(2 * (_align(send) + _align(recv) + _align(signals) + _align(weights)))

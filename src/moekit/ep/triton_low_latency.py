@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from moekit.ep.config import LOW_LATENCY_TOPK_BITS
 from moekit.ep.heap import SymmetricHeap, interpreting
 from moekit.ep.kernels.low_latency_combine import launch_combine_receive, launch_combine_send
 from moekit.ep.kernels.low_latency_combine_presum import launch_presum_receive, launch_presum_send
@@ -42,12 +43,12 @@ from moekit.fp8 import GROUP
 
 _ALIGN = 128
 # Bit widths of the sizes packed into a call's params word (see _params).
-_LIMITS = {"num_max_dispatch_tokens_per_rank": 16, "hidden": 23, "num_experts": 14, "num_topk": 6}
+_LIMITS = {"num_max_dispatch_tokens_per_rank": 16, "hidden": 23, "num_experts": 14, "num_topk": LOW_LATENCY_TOPK_BITS}
 # Bytes a rank must expect to send less before a combine sums on the experts' side: that costs a
 # launch and a wait for the peers' weights, a few microseconds (see BENCHMARKS.md).
 PRESUM_MIN_SAVED_BYTES = 1 << 20
 # Top-k slots the summing combine's weights area holds per token: every top-k the params allow.
-PRESUM_MAX_TOPK = 1 << _LIMITS["num_topk"]
+PRESUM_MAX_TOPK = 1 << LOW_LATENCY_TOPK_BITS
 
 
 def _align(n: int) -> int:
