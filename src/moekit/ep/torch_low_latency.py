@@ -161,10 +161,10 @@ class TorchLowLatency:
             token = torch.arange(n, device=self.device)
             owner = torch.where(topk_idx >= 0, topk_idx // e_loc, -1)
             acc = torch.zeros((n, hidden), dtype=torch.float32, device=self.device)
-            for ranks in ([[s] for s in range(r)] if rank_order else [list(range(r))]):
+            for group in (range(r) if rank_order else [None]):  # None: every rank at once
                 part = torch.zeros_like(acc)
                 for slot in range(k):
-                    ok = torch.isin(owner[:, slot], torch.tensor(ranks, device=self.device)).unsqueeze(1)
+                    ok = (owner[:, slot] >= 0 if group is None else owner[:, slot] == group).unsqueeze(1)
                     rows = back[owner[:, slot].clamp(min=0), token, slot].float()
                     part = part + torch.where(ok, topk_weights[:, slot:slot + 1] * rows, 0.0)
                 acc = acc + part

@@ -177,7 +177,10 @@ class TritonLowLatency:
         (its send half must not wait for the peers' weights), only where the receive area holds
         the partial rows (float32 [R, T, H]), and then where ``combine_presum`` says so, or by
         default where it saves at least ``PRESUM_MIN_SAVED_BYTES`` (:func:`presum_saved_bytes`)."""
-        layout = self._layout(num_max_tokens, hidden, num_experts, num_topk, False)
+        return self._presums(self._layout(num_max_tokens, hidden, num_experts, num_topk, False), num_max_tokens,
+                             hidden, num_topk, hook)
+
+    def _presums(self, layout: Layout, num_max_tokens: int, hidden: int, num_topk: int, hook: bool) -> bool:
         fits = self.num_ranks * num_max_tokens * hidden * 4 <= layout.recv_bytes
         if hook or not fits or self.num_ranks == 1:
             return False
@@ -245,7 +248,7 @@ class TritonLowLatency:
         r, k = self.num_ranks, handle.num_topk
         layout = self._layout(t_max, hidden, num_experts, k, False)
         source = self.combine_buffer(t_max, hidden, num_experts) if zero_copy else x.contiguous()
-        presum = self.presums(t_max, hidden, num_experts, k, defer_receive)
+        presum = self._presums(layout, t_max, hidden, k, defer_receive)
         params = _params(True, {"num_max_dispatch_tokens_per_rank": t_max, "hidden": hidden,
                                 "num_experts": num_experts, "num_topk": k}, False, False, presum)
         parity, half_base = self._next_parity()
