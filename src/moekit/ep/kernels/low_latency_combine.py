@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
-from moekit.ep.kernels.low_latency_dispatch import TILE, arrival_share, finish_call, wait_call
+from moekit.ep.kernels.low_latency_dispatch import TILE, arrival_share, check_call, finish_call, wait_call
 from moekit.ep.kernels.sync import error_pointer
 
 
@@ -129,22 +129,23 @@ def low_latency_combine_receive_kernel(
     valid = ids >= 0
     owner = tl.where(valid, ids // E_LOC, 0)
     source = lane < BLOCK_R
-    ok = wait_call(local_base, flags_off, params_off, call_params,
-                   tl.where(source, lane, (ids - owner * E_LOC) * NUM_RANKS + owner), (lane < NUM_RANKS) | valid,
-                   tl.where(source, lane, owner), epoch, max_wait, error_pointer(error_addr), op, rank, NUM_RANKS,
-                   BLOCK_R, INTERPRET)
-    if ok & (t < num_tokens):
-        # Rows are 16-byte aligned (2 * H is a multiple of 16): wide loads.
-        rows = tl.multiple_of((local_base + recv_off + t.to(tl.int64) * (K * 2 * H)).to(tl.pointer_type(tl.bfloat16)),
-                              16)
-        h = c * BLOCK + tl.arange(0, BLOCK)
-        live = h < H
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in tl.static_range(K):
-            used = tl.load(topk_ptr + t * K + k) >= 0
-            w = tl.load(weights_ptr + t * K + k)
-            v = tl.load(rows + k * H + h, mask=live & used, other=0.0, cache_modifier=".cg")
-            acc = tl.where(used, acc + mul_rn(w, v.to(tl.float32), INTERPRET), acc)
+    flag_index = tl.where(source, lane, (ids - owner * E_LOC) * NUM_RANKS + owner)
+    wait_mask = (lane < NUM_RANKS) | valid
+    error = error_pointer(error_addr)
+    values = wait_call(local_base, flags_off, flag_index, wait_mask, tl.where(source, lane, owner), epoch, max_wait,
+                       error, op, rank, INTERPRET)
+    # Rows are 16-byte aligned (2 * H is a multiple of 16): wide loads.
+    rows = tl.multiple_of((local_base + recv_off + t.to(tl.int64) * (K * 2 * H)).to(tl.pointer_type(tl.bfloat16)), 16)
+    h = c * BLOCK + tl.arange(0, BLOCK)
+    live = (h < H) & (t < num_tokens)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        used = tl.load(topk_ptr + t * K + k, mask=t < num_tokens, other=-1) >= 0
+        w = tl.load(weights_ptr + t * K + k, mask=t < num_tokens, other=0.0)
+        v = tl.load(rows + k * H + h, mask=live & used, other=0.0, cache_modifier=".cg")
+        acc = tl.where(used, acc + mul_rn(w, v.to(tl.float32), INTERPRET), acc)
+    if check_call(local_base, params_off, call_params, values, flag_index, wait_mask, epoch, error, op, rank,
+                  NUM_RANKS, BLOCK_R):
         tl.store(out_ptr + t.to(tl.int64) * H + h, to_bf16(acc, INTERPRET), mask=live)
 
 

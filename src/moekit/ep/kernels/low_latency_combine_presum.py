@@ -38,7 +38,7 @@ import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.low_latency_combine import mul_rn, to_bf16, combine_receive_span
-from moekit.ep.kernels.low_latency_dispatch import CALL_SHARES, arrival_share, finish_call, wait_call
+from moekit.ep.kernels.low_latency_dispatch import CALL_SHARES, arrival_share, check_call, finish_call, wait_call
 from moekit.ep.kernels.sync import error_pointer, record_timeout
 
 # Channels and tokens one program of the sums covers: at T = 128, H = 7168 and 2 ranks, 896
@@ -154,22 +154,22 @@ def low_latency_presum_receive_kernel(
     # Even a rank without tokens waits for every source (see ``low_latency_combine_receive_kernel``).
     local_base = tl.load(ptrs + rank) + half_base
     lane = tl.arange(0, BLOCK_R)
-    ok = wait_call(local_base, flags_off, params_off, call_params, lane, lane < NUM_RANKS, lane, epoch, max_wait,
-                   error_pointer(error_addr), op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
-    if ok & (t < num_tokens):
-        kk = tl.arange(0, BLOCK_K)
-        ids = tl.load(topk_ptr + t * K + kk, mask=kk < K, other=-1)
-        owner = tl.where(ids >= 0, ids // E_LOC, -1)
-        h = c * BLOCK + tl.arange(0, BLOCK)
-        live = h < H
-        # Partial rows are 16-byte aligned (4 * H is a multiple of 16): wide loads.
-        rows = tl.multiple_of((local_base + partial_off + t.to(tl.int64) * (4 * H)).to(tl.pointer_type(tl.float32)),
-                              16)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in tl.static_range(NUM_RANKS):
-            used = tl.max((owner == s).to(tl.int32), axis=0) > 0
-            v = tl.load(rows + s * (T * H) + h, mask=live & used, other=0.0, cache_modifier=".cg")
-            acc = tl.where(used, acc + v, acc)
+    kk = tl.arange(0, BLOCK_K)
+    ids = tl.load(topk_ptr + t * K + kk, mask=(kk < K) & (t < num_tokens), other=-1)
+    owner = tl.where(ids >= 0, ids // E_LOC, -1)
+    error = error_pointer(error_addr)
+    values = wait_call(local_base, flags_off, lane, lane < NUM_RANKS, lane, epoch, max_wait, error, op, rank, INTERPRET)
+    h = c * BLOCK + tl.arange(0, BLOCK)
+    live = (h < H) & (t < num_tokens)
+    # Partial rows are 16-byte aligned (4 * H is a multiple of 16): wide loads.
+    rows = tl.multiple_of((local_base + partial_off + t.to(tl.int64) * (4 * H)).to(tl.pointer_type(tl.float32)), 16)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(NUM_RANKS):
+        used = tl.max((owner == s).to(tl.int32), axis=0) > 0
+        v = tl.load(rows + s * (T * H) + h, mask=live & used, other=0.0, cache_modifier=".cg")
+        acc = tl.where(used, acc + v, acc)
+    if check_call(local_base, params_off, call_params, values, lane, lane < NUM_RANKS, epoch, error, op, rank,
+                  NUM_RANKS, BLOCK_R):
         tl.store(out_ptr + t.to(tl.int64) * H + h, to_bf16(acc, INTERPRET), mask=live)
 
 

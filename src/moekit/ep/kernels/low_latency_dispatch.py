@@ -96,25 +96,34 @@ def finish_call(epochs_ptr, parity):
 
 
 @triton.jit
-def wait_call(local_base, flags_off, params_off, call_params, flag_index, wait_mask, peers, epoch, max_wait, error, op,
-              rank, NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+def wait_call(local_base, flags_off, flag_index, wait_mask, peers, epoch, max_wait, error, op, rank,
+              INTERPRET: tl.constexpr):
     """Waits until the flags ``flags[flag_index]`` under ``wait_mask`` reached this call's ``epoch``
-    (all in one spin; they must include every source's ``flags[0, s]``, index s, whose first
-    arrival wrote ``params[s]`` before its share) and checks that every source sent the same
-    ``call_params`` (op and sizes) as this rank's call. Returns whether all is well.
+    (all in one spin); returns their values for :func:`check_call`. The waits must include every
+    source's ``flags[0, s]``, index s, whose first arrival wrote ``params[s]`` before its share.
+    A receive loads what the flags announce before :func:`check_call`, so that those loads and the
+    check's are in flight together, and uses the values only if the check passes."""
+    flags = (local_base + flags_off).to(tl.pointer_type(tl.int64))
+    values = wait_all(flags + tl.where(wait_mask, flag_index, 0), wait_mask, epoch << 32, peers, max_wait, error, op,
+                      rank, INTERPRET, LOAD=True)
+    tl.debug_barrier()
+    return values
+
+
+@triton.jit
+def check_call(local_base, params_off, call_params, values, flag_index, wait_mask, epoch, error, op, rank,
+               NUM_RANKS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """After :func:`wait_call` returned ``values``: whether every flag arrived and every source sent
+    the same ``call_params`` (op and sizes) as this rank's call.
 
     On a disagreement records ``[MISMATCH, op, rank, first such source]`` at ``error``, over a
     timeout that it may have caused (a peer with other sizes may never set some flags).
     """
     target = epoch << 32
-    flags = (local_base + flags_off).to(tl.pointer_type(tl.int64))
-    values = wait_all(flags + tl.where(wait_mask, flag_index, 0), wait_mask, target, peers, max_wait, error, op, rank,
-                      INTERPRET, LOAD=True)
     src = tl.arange(0, BLOCK_R)
     live = src < NUM_RANKS
     # Indices below R are the flags[0, :], complete only after params was written.
     sources_in = tl.min(tl.where((flag_index < NUM_RANKS) & wait_mask, values, target), axis=0) >= target
-    tl.debug_barrier()
     got = tl.load((local_base + params_off).to(tl.pointer_type(tl.int64)) + src, mask=live, other=call_params,
                   volatile=True)
     bad = (got != call_params).to(tl.int32)
@@ -319,16 +328,19 @@ def low_latency_dispatch_receive_kernel(
     lane = tl.arange(0, 2 * BLOCK_R)
     src = lane % BLOCK_R
     mine = lane >= BLOCK_R
-    ok = wait_call(local_base, flags_off, params_off, call_params, tl.where(mine, le * NUM_RANKS, 0) + src,
-                   src < NUM_RANKS, src, epoch, max_wait, error, op, rank, NUM_RANKS, BLOCK_R, INTERPRET)
+    flag_index = tl.where(mine, le * NUM_RANKS, 0) + src
+    values = wait_call(local_base, flags_off, flag_index, src < NUM_RANKS, src, epoch, max_wait, error, op, rank,
+                       INTERPRET)
+    slot0 = ((le * NUM_RANKS + s) * T).to(tl.int64)
+    header = (local_base + header_off).to(tl.pointer_type(tl.int32)) + slot0 * 2
+    r = tl.arange(0, TILE_ROWS)
+    # The first tile's tokens and the row counts (those past the count are not used).
+    token = tl.load(header + r * 2, mask=r < T, other=0, cache_modifier=".cg")
+    rows = tl.load((local_base + rows_off).to(tl.pointer_type(tl.int64)) + le * NUM_RANKS + src,
+                   mask=mine & (src < NUM_RANKS), other=0, volatile=True)
+    ok = check_call(local_base, params_off, call_params, values, flag_index, src < NUM_RANKS, epoch, error, op, rank,
+                    NUM_RANKS, BLOCK_R)
     if ok:
-        slot0 = ((le * NUM_RANKS + s) * T).to(tl.int64)
-        header = (local_base + header_off).to(tl.pointer_type(tl.int32)) + slot0 * 2
-        r = tl.arange(0, TILE_ROWS)
-        # The first tile's tokens, loaded beside the row counts (those past the count are not used).
-        token = tl.load(header + r * 2, mask=r < T, other=0, cache_modifier=".cg")
-        rows = tl.load((local_base + rows_off).to(tl.pointer_type(tl.int64)) + le * NUM_RANKS + src,
-                       mask=mine & (src < NUM_RANKS), other=0, volatile=True)
         begin = tl.sum(tl.where(src < s, rows, 0), axis=0)
         n = tl.sum(tl.where(src == s, rows, 0), axis=0)
         RT: tl.constexpr = NUM_RANKS * T
