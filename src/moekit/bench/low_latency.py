@@ -3,12 +3,14 @@ torch backend (NCCL, eager: its per-call rank check synchronises with the host) 
 
 Per tokens-per-rank T: median latency of dispatch (FP8, per-128-channel scales) and combine (bf16,
 weighted) over graph replays; with the receive hook, the send and the receive parts apart (the
-receive timed after every rank's sends finished, so it holds no waiting). Each call is timed three
-ways. Queued (the main figure, the device's own latency, as inside a decoding step's graph): the
-GPU is held while the host queues a device-side barrier and the replay, so the time runs from the
-moment every GPU is ready. From idle: the replay is launched on an idle GPU, so the time includes
-the host's launch of the graph. Kernels: the durations of the call's kernels as the GPU's profiler
-records them, summed (how DeepEP's tests time theirs), which leaves out the graph's own overhead.
+receive timed after every rank's sends finished, so it holds no waiting). Each call is timed four
+ways. Queued (the main figure, the device's own latency): the GPU is held while the host queues a
+device-side barrier and the replay, so the time runs from the moment every GPU is ready; it
+includes the start of the graph and the timing events. In graph: what each call adds to a graph
+that runs it back to back (graphs of 2 and 10 calls, the difference over 8): the call's kernels
+and the gaps between them, as when the call is one step of a decoding step's graph. From idle: the replay is launched on an idle GPU, so the
+time includes the host's launch of the graph. Kernels: the durations of the call's kernels as the
+GPU's profiler records them, summed (how DeepEP's tests time theirs), which leaves out the gaps.
 
 The floor is the bytes that cross NVLink at the busiest rank (the larger of what it sends and what
 it receives) over the measured peer bandwidth, plus one measured flag round trip. Two floors are
@@ -100,13 +102,26 @@ def _kernels_us(step: Callable[[], object], line_up: Callable[[], None], repeat:
     return sum(statistics.median(d) for d in durations.values()) if durations else float("nan")
 
 
-def _tiny_graph_us(line_up: Callable[[], None], repeat: int) -> tuple[float, float]:
-    """(from idle, queued) median microseconds of a graph that holds one small kernel: what launch
-    from an idle GPU adds to a replay's time."""
+def _tiny_graph_us(line_up: Callable[[], None], repeat: int) -> tuple[float, float, float]:
+    """(from idle, queued, in graph) median microseconds of a graph that holds one small kernel:
+    what launch from an idle GPU, and the start of a graph, add to a replay's time."""
     scratch = torch.zeros(1024, device=torch.device("cuda", torch.cuda.current_device()))
     scratch.add_(1)
     graph = _capture([lambda: scratch.add_(1)])[0]
-    return _medians([graph.replay], repeat, set())[0], _medians([graph.replay], repeat, set(), line_up)[0]
+    return (_medians([graph.replay], repeat, set())[0], _medians([graph.replay], repeat, set(), line_up)[0],
+            _in_graph_us(lambda: scratch.add_(1), repeat, line_up))
+
+
+def _in_graph_us(fn: Callable[[], object], repeat: int, line_up: Callable[[], None]) -> float:
+    """Microseconds that each call of ``fn`` adds to a CUDA graph running it back to back: graphs of
+    2 and 10 calls, replayed queued behind ``line_up``, (t10 - t2) / 8. What the graph's start and
+    the timing events cost cancels out, leaving each call's kernels and the gaps between them, as
+    when the call is one step of a decoding step's graph. (Even counts keep the calls' buffer
+    parities alternating from one replay to the next.)"""
+    few, many = 2, 10
+    graphs = _capture([lambda: [fn() for _ in range(few)], lambda: [fn() for _ in range(many)]])
+    t_few, t_many = _medians([g.replay for g in graphs], repeat, set(), line_up)
+    return (t_many - t_few) / (many - few)
 
 
 def _capture(fns: list[Callable[[], object]]) -> list[torch.cuda.CUDAGraph]:
@@ -121,11 +136,13 @@ def _capture(fns: list[Callable[[], object]]) -> list[torch.cuda.CUDAGraph]:
 
 def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, repeat: int, hook: bool,
                   line_ups: tuple[Callable[[], None] | None, ...] = (None,), graphs: bool = True,
-                  kernels: bool = False, info: dict | None = None) -> list[list[float]]:
+                  kernels: bool = False, in_graph: bool = False, info: dict | None = None) -> list[list[float]]:
     """For each of ``line_ups`` (None: from idle), the [dispatch, combine] medians, or with ``hook``
     [dispatch send, receive, combine send, receive]; replayed from CUDA graphs, or with
     ``graphs=False`` called eagerly. With ``kernels``, one more list: the steps' summed kernel
-    durations (:func:`_kernels_us`), queued behind the first line-up. ``info["presum"]`` (triton):
+    durations (:func:`_kernels_us`), queued behind the first line-up; with ``in_graph`` (no hook),
+    one more: what each step adds to a graph that runs it back to back (:func:`_in_graph_us`).
+    ``info["presum"]`` (triton):
     whether the combine summed on the experts' side."""
     from moekit.ep import Buffer
 
@@ -149,15 +166,16 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     # One eager round compiles the kernels and checks the arguments; the graphs then hold no checks.
     dispatch(), state["d"].hook(), combine(), state["c"].hook()
     torch.cuda.synchronize()
-    steps = [dispatch, lambda: state["d"].hook(), combine, lambda: state["c"].hook()]
+    calls = [dispatch, lambda: state["d"].hook(), combine, lambda: state["c"].hook()]
     if not hook:
-        steps = [lambda: (dispatch(), state["d"].hook()), lambda: (combine(), state["c"].hook())]
-    if graphs:
-        steps = [g.replay for g in _capture(steps)]
-    medians = [_medians(steps, repeat, settle_before={1, 3} if hook else set(), line_up=line_up)
-               for line_up in line_ups]
+        calls = [lambda: (dispatch(), state["d"].hook()), lambda: (combine(), state["c"].hook())]
+    settle = {1, 3} if hook else set()
+    steps = [g.replay for g in _capture(calls)] if graphs else calls
+    medians = [_medians(steps, repeat, settle_before=settle, line_up=line_up) for line_up in line_ups]
     if kernels:
         medians.append([_kernels_us(step, line_ups[0], repeat) for step in steps])
+    if in_graph:
+        medians.append([_in_graph_us(call, repeat, line_ups[0]) for call in calls])
     torch.cuda.synchronize()
     dist.barrier()
     return medians
@@ -197,7 +215,7 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
     dev = torch.device("cuda", torch.cuda.current_device())
     round_trip = flag_round_trip_us(group, dev)
     queued = _queued(DeviceBarrier(group, dev))
-    tiny_idle, tiny_queued = _tiny_graph_us(queued, repeat)
+    tiny_idle, tiny_queued, tiny_in_graph = _tiny_graph_us(queued, repeat)
     try:
         from moekit.bench._nvlink import peer_copy_bandwidth_gbps
     except ImportError:
@@ -207,8 +225,9 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
     rows = []
     for t in tokens:
         info: dict = {}
-        (triton_d, triton_c), (idle_d, idle_c), (kernels_d, kernels_c) = _time_backend(
-            "triton", t, hidden, experts, topk, repeat, hook=False, line_ups=(queued, None), kernels=True, info=info)
+        (triton_d, triton_c), (idle_d, idle_c), (kernels_d, kernels_c), (graph_d, graph_c) = _time_backend(
+            "triton", t, hidden, experts, topk, repeat, hook=False, line_ups=(queued, None), kernels=True,
+            in_graph=True, info=info)
         halves, idle_halves = _time_backend("triton", t, hidden, experts, topk, repeat, hook=True,
                                             line_ups=(queued, None))
         # The torch backend runs eagerly: its per-call rank check synchronises with the host.
@@ -217,11 +236,13 @@ def _rank_main(tokens: list[int], hidden: int, experts: int, topk: int, repeat: 
         bytes_d, bytes_d_once, bytes_c, bytes_c_summed = crossing_bytes(ids, experts, hidden)
         row = {"tokens": t, "dispatch_us": triton_d, "combine_us": triton_c, "dispatch_idle_us": idle_d,
                "combine_idle_us": idle_c, "dispatch_kernels_us": kernels_d, "combine_kernels_us": kernels_c,
+               "dispatch_in_graph_us": graph_d, "combine_in_graph_us": graph_c,
                "torch_dispatch_us": torch_d, "torch_combine_us": torch_c, "dispatch_mb": bytes_d / 1e6,
                "dispatch_once_mb": bytes_d_once / 1e6, "combine_mb": bytes_c / 1e6,
                "combine_summed_mb": bytes_c_summed / 1e6, "combine_summed": "yes" if info["presum"] else "no",
                "flag_rt_us": round_trip,
-               "tiny_graph_idle_us": tiny_idle, "tiny_graph_queued_us": tiny_queued}
+               "tiny_graph_idle_us": tiny_idle, "tiny_graph_queued_us": tiny_queued,
+               "tiny_graph_in_graph_us": tiny_in_graph}
         for name, value, idle in zip(("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"), halves,
                                      idle_halves):
             row[f"{name}_us"], row[f"{name}_idle_us"] = value, idle
@@ -261,12 +282,14 @@ def main(argv: list[str]) -> int:
         title=f"low-latency dispatch (FP8) / combine (bf16), {world} GPUs, H={args.hidden}, top-{args.topk}, "
               f"{args.experts} experts, CUDA-graph replay (us)",
         columns={"tokens": "T",
-                 "dispatch_us": "dispatch", "dispatch_kernels_us": "d kernels", "dispatch_send_us": "d send",
+                 "dispatch_us": "dispatch", "dispatch_in_graph_us": "d in graph", "dispatch_kernels_us": "d kernels",
+                 "dispatch_send_us": "d send",
                  "dispatch_recv_us": "d recv", "dispatch_idle_us": "d from idle", "dispatch_floor_us": "d floor",
                  "dispatch_x_floor": "d / floor", "dispatch_once_floor_us": "d floor, once per rank",
                  "dispatch_once_x_floor": "d / that floor", "torch_dispatch_us": "torch d (eager)",
                  "dispatch_speedup": "d speedup",
-                 "combine_us": "combine", "combine_summed": "c summed", "combine_kernels_us": "c kernels",
+                 "combine_us": "combine", "combine_summed": "c summed", "combine_in_graph_us": "c in graph",
+                 "combine_kernels_us": "c kernels",
                  "combine_send_us": "c send", "combine_recv_us": "c recv", "combine_idle_us": "c from idle",
                  "combine_floor_us": "c floor", "combine_x_floor": "c / floor",
                  "combine_summed_floor_us": "c floor, summed", "combine_summed_x_floor": "c / that floor",
@@ -278,11 +301,15 @@ def main(argv: list[str]) -> int:
     report.notes.append(f"flag round trip {first.get('flag_rt_us', float('nan')):.2f} us; floor = bytes crossing "
                         "NVLink at the busiest rank / peer copy bandwidth + one flag round trip; hook mode: receive "
                         "timed after every rank's sends completed")
-    report.notes.append("times are queued (the device's latency, from a device-side barrier of the ranks) unless "
-                        "marked 'from idle' (the replay launched on an idle GPU, its launch included); 'kernels': "
-                        "the call's kernel durations summed, as DeepEP's tests report; a graph of "
-                        f"one small kernel reads {first.get('tiny_graph_idle_us', float('nan')):.1f} us from idle, "
-                        f"{first.get('tiny_graph_queued_us', float('nan')):.1f} us queued")
+    report.notes.append("times are queued (the device's latency, from a device-side barrier of the ranks, the "
+                        "graph's start and the timing events included) unless marked 'from idle' (the replay "
+                        "launched on an idle GPU, its launch included); 'in graph': what a call adds to a graph "
+                        "that runs it back to back (its kernels and the gaps between them, as one step of a "
+                        "larger graph); 'kernels': the call's kernel durations summed, as DeepEP's tests report; a "
+                        "graph of one small kernel reads "
+                        f"{first.get('tiny_graph_idle_us', float('nan')):.1f} us from idle, "
+                        f"{first.get('tiny_graph_queued_us', float('nan')):.1f} us queued, "
+                        f"{first.get('tiny_graph_in_graph_us', float('nan')):.1f} us in graph")
     if rows and "dispatch_floor_us" not in first:
         report.notes.append("no floor: moekit.bench._nvlink (peer bandwidth) is not available")
     report.finish(args, x="tokens", series=["dispatch_us", "combine_us", "torch_dispatch_us", "torch_combine_us"],
