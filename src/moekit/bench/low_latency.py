@@ -8,9 +8,10 @@ ways. Queued (the main figure, the device's own latency): the GPU is held while 
 device-side barrier and the replay, so the time runs from the moment every GPU is ready; it
 includes the start of the graph and the timing events. In graph: what each call adds to a graph
 that runs it back to back (graphs of 2 and 10 calls, the difference over 8): the call's kernels
-and the gaps between them, as when the call is one step of a decoding step's graph. From idle: the replay is launched on an idle GPU, so the
-time includes the host's launch of the graph. Kernels: the durations of the call's kernels as the
-GPU's profiler records them, summed (how DeepEP's tests time theirs), which leaves out the gaps.
+and the gaps between them, as when the call is one step of a decoding step's graph. From idle:
+the replay is launched on an idle GPU, so the time includes the host's launch of the graph.
+Kernels: the durations of the call's kernels as the GPU's profiler records them, summed (how
+DeepEP's tests time theirs), which leaves out the gaps.
 
 The floor is the bytes that cross NVLink at the busiest rank (the larger of what it sends and what
 it receives) over the measured peer bandwidth, plus one measured flag round trip. Two floors are
@@ -142,8 +143,7 @@ def _time_backend(backend: str, t: int, hidden: int, experts: int, topk: int, re
     ``graphs=False`` called eagerly. With ``kernels``, one more list: the steps' summed kernel
     durations (:func:`_kernels_us`), queued behind the first line-up; with ``in_graph`` (no hook),
     one more: what each step adds to a graph that runs it back to back (:func:`_in_graph_us`).
-    ``info["presum"]`` (triton):
-    whether the combine summed on the experts' side."""
+    ``info["presum"]`` (triton): whether the combine summed on the experts' side."""
     from moekit.ep import Buffer
 
     dev = torch.device("cuda", torch.cuda.current_device())
