@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
-from moekit.ep.kernels.low_latency_dispatch import TILE, arrival_share, check_call, finish_call, wait_call
+from moekit.ep.kernels.low_latency_dispatch import (TILE, arrival_share, check_call, finish_call, start_call,
+                                                   wait_call)
 from moekit.ep.kernels.sync import error_pointer
 
 
@@ -32,8 +33,7 @@ def low_latency_combine_send_kernel(
     le = tl.program_id(0)
     s = tl.program_id(1)
     c = tl.program_id(2)
-    epoch = tl.load(epochs_ptr + parity) + 1
-    tl.store(epochs_ptr + 2 + parity, epoch)
+    start_call(epochs_ptr, parity)
     packed = tl.load(layout_range + le * NUM_RANKS + s)
     begin = packed >> 32
     n = (packed & 0xFFFFFFFF).to(tl.int32)

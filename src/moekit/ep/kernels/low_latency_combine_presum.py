@@ -38,7 +38,8 @@ import triton.language as tl
 
 from moekit.ep.kernels.blocks import next_pow2
 from moekit.ep.kernels.low_latency_combine import mul_rn, to_bf16, combine_receive_span
-from moekit.ep.kernels.low_latency_dispatch import CALL_SHARES, arrival_share, check_call, finish_call, wait_call
+from moekit.ep.kernels.low_latency_dispatch import (CALL_SHARES, arrival_share, check_call, finish_call, start_call,
+                                                   wait_call)
 from moekit.ep.kernels.sync import error_pointer, record_timeout
 
 # Channels and tokens one program of the sums covers: at T = 128, H = 7168 and 2 ranks, 896
@@ -55,8 +56,7 @@ _TAG = tl.constexpr(0xFFFFFFFF)
 def low_latency_presum_weights_kernel(weights_ptr, num_tokens, ptrs, epochs_ptr, parity, half_base, weights_off,
                                       rank, T: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
     d = tl.program_id(0)
-    epoch = tl.load(epochs_ptr + parity) + 1
-    tl.store(epochs_ptr + 2 + parity, epoch)
+    epoch = start_call(epochs_ptr, parity)
     dst = (tl.load(ptrs + d) + half_base + weights_off).to(tl.pointer_type(tl.int64)) + rank * (T * K)
     i = tl.arange(0, BLOCK)
     for i0 in range(0, num_tokens * K, BLOCK):

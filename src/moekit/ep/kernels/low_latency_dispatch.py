@@ -87,6 +87,16 @@ def arrival_share(index, count):
 
 
 @triton.jit
+def start_call(epochs_ptr, parity):
+    """The epoch of a call starting at ``parity`` (one past that parity's last completed call), now
+    published as the call in flight there: what a call's first launch does (every program writes
+    the same value)."""
+    epoch = tl.load(epochs_ptr + parity) + 1
+    tl.store(epochs_ptr + 2 + parity, epoch)
+    return epoch
+
+
+@triton.jit
 def finish_call(epochs_ptr, parity):
     """The epoch of the call in flight at ``parity``, now recorded as that parity's last completed
     call: what a receive, the call's last launch, does first (every program writes the same value)."""
@@ -171,8 +181,7 @@ def low_latency_dispatch_send_kernel(
         ROUND_SCALE: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     c = tl.program_id(1)
-    epoch = tl.load(epochs_ptr + parity) + 1
-    tl.store(epochs_ptr + 2 + parity, epoch)
+    start_call(epochs_ptr, parity)
     E: tl.constexpr = E_LOC * NUM_RANKS
     kk = tl.arange(0, BLOCK_K)
     ids = tl.load(topk_ptr + t * K + kk, mask=(kk < K) & (t < num_tokens), other=-1)
