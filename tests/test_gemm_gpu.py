@@ -3,6 +3,8 @@ the GPU from the dequantised operands (``pytest -m gpu tests/test_gemm_gpu.py``;
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,7 +80,7 @@ def test_every_candidate_tile_config(fp8):
     ref = reference.contiguous_reference(a, b, idx)
     out = torch.empty(idx.numel(), n, dtype=torch.bfloat16, device=DEV)
     for rows_hint in (32, 4096):
-        for cfg in config.candidates(fp8, rows_hint):
+        for cfg in config.candidates(fp8, rows_hint, contiguous=True):
             out.fill_(NAN)
             kernel.launch(kernel.CONTIGUOUS, a_data, b_data, out, cfg, sa=sa, sb=sb, m_indices=idx)
             reference.check(out, ref, fp8)
@@ -122,3 +124,31 @@ def test_masked_in_a_cuda_graph():
         out.fill_(NAN)
         graph.replay()
         reference.check(out, reference.masked_reference(a, b, masked_m), True)
+
+
+def test_contiguous_bf16_flattened_in_a_cuda_graph():
+    """The flattened bf16 loop lists its row tiles on the device, so a captured call follows new
+    routing on replay: a worst-case buffer whose experts' rows change between replays, behind
+    padding-only tiles; equal bit for bit to the nested loop."""
+    torch.manual_seed(13)
+    g, n, k, m_sum = 4, 4096, 2048, 8 * 128 * 4
+    a, b = inputs.activations((m_sum, k), False, DEV), inputs.weights((g, n, k), False, DEV)
+    idx = torch.full((m_sum,), -1, dtype=torch.int32, device=DEV)
+    out = torch.empty(m_sum, n, dtype=torch.bfloat16, device=DEV)
+    flat = config.candidates(False, 4096, contiguous=True)[0]
+    assert flat.flatten
+    nested = dataclasses.replace(flat, flatten=False)
+    graph = torch.cuda.CUDAGraph()
+    kernel.launch(kernel.CONTIGUOUS, a, b, out, flat, m_indices=idx)  # compile outside the capture
+    with torch.cuda.graph(graph):
+        kernel.launch(kernel.CONTIGUOUS, a, b, out, flat, m_indices=idx)
+    for counts in ([300, 0, 1000, 129], [0, 0, 0, 0], [1024, 1024, 1024, 1024], [1, 2000, 0, 7]):
+        routed = contiguous_m_indices(counts, DEV)
+        idx.fill_(-1)
+        idx[m_sum - routed.numel():] = routed  # padding-only tiles first
+        out.fill_(NAN)
+        graph.replay()
+        reference.check(out, reference.contiguous_reference(a, b, idx), False)
+        want = torch.full_like(out, NAN)
+        kernel.launch(kernel.CONTIGUOUS, a, b, want, nested, m_indices=idx)
+        assert torch.equal(out.nan_to_num(), want.nan_to_num()) and torch.equal(out.isnan(), want.isnan())

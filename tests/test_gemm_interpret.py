@@ -84,7 +84,7 @@ def test_every_candidate_tile_config(fp8):
     b_data, sb = b if fp8 else (b, None)
     ref = reference.contiguous_reference(a, b, idx)
     for rows_hint in (32, 4096):
-        for cfg in config.candidates(fp8, rows_hint):
+        for cfg in config.candidates(fp8, rows_hint, contiguous=True):
             out.fill_(NAN)
             kernel.launch(kernel.CONTIGUOUS, a_data, b_data, out, cfg, sa=sa, sb=sb, m_indices=idx)
             reference.check(out, ref, fp8)
@@ -124,6 +124,65 @@ def test_k_loop_pair(cfg, k):
         assert torch.equal(got[0].nan_to_num(), got[1].nan_to_num()), f"layout {layout}: pair != serial"
 
 
+@pytest.mark.parametrize("layout", [kernel.CONTIGUOUS, kernel.MASKED])
+def test_list_row_tiles(layout):
+    """The flattened loop's tile list, over several scan steps (70 tiles of 16 rows): the tiles with
+    a valid row, in order. Contiguous: padding-only tiles at the start, middle and end, and expert
+    ids out of range count as padding; masked: counts 0, full, one row, one tile exactly."""
+    torch.manual_seed(8)
+    block = 16
+    if layout == kernel.CONTIGUOUS:
+        groups, rows = 3, 70 * block
+        index = torch.randint(-1, groups, (rows,), dtype=torch.int32)
+        index[:block] = -1
+        index[20 * block:23 * block] = -1
+        index[-2 * block:] = -1
+        index[40 * block:41 * block] = torch.tensor([-1] * 15 + [groups], dtype=torch.int32)
+        tiles_m = rows // block
+        valid = ((index >= 0) & (index < groups)).view(tiles_m, block).any(1)
+    else:
+        groups, rows = 14, 80  # 5 tiles per group
+        index = torch.randint(0, rows + 1, (groups,), dtype=torch.int32)
+        index[:5] = torch.tensor([0, rows, 1, block, block + 1], dtype=torch.int32)
+        tiles_m = groups * 5
+        valid = torch.arange(5).repeat(groups) * block < index.repeat_interleave(5)
+    got = kernel.list_row_tiles(layout, index, rows, groups, tiles_m, block)
+    want = valid.nonzero().flatten().to(torch.int32)
+    assert int(got[0]) == want.numel() and torch.equal(got[1:1 + want.numel()], want)
+    dense = kernel.list_row_tiles(kernel.DENSE, index, 3 * block, 1, 3, block)
+    assert dense.tolist() == [3, 0, 1, 2]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_flattened_tile_loop(fp8):
+    """The flattened loop in every layout, including row tiles with no valid row (padding-only
+    blocks, an empty expert, masked counts of 0): bit for bit the nested loop's result, and the
+    rows it must not write left untouched."""
+    torch.manual_seed(9)
+    nested = config.TileConfig(64, 64, 128 if fp8 else 64, num_warps=4, num_stages=2)
+    flat = dataclasses.replace(nested, flatten=True)
+    a, b, out, idx = _contiguous_case(fp8, [70, 0, 200], n=160)
+    am = inputs.activations((3, 150, K), fp8, "cpu")
+    x = inputs.activations((70, K), fp8, "cpu")
+    split = (lambda t: t) if fp8 else (lambda t: (t, None))
+    b_data, sb = split(b)
+    cases = [(kernel.CONTIGUOUS, a, b_data, sb, out, {"m_indices": idx}),
+             (kernel.MASKED, am, b_data, sb, torch.full((3, 150, 160), NAN, dtype=torch.bfloat16),
+              {"masked_m": torch.tensor([150, 0, 77], dtype=torch.int32)}),
+             (kernel.DENSE, x, b_data[:1], None if sb is None else sb[:1], torch.full((70, 160), NAN, dtype=torch.bfloat16),
+              {})]
+    for layout, a_, b_, sb_, out_, index in cases:
+        a_data, sa = split(a_)
+        got = []
+        for cfg in (flat, nested):
+            out_.fill_(NAN)
+            kernel.launch(layout, a_data, b_, out_, cfg, sa=sa, sb=sb_, **index)
+            got.append(out_.clone())
+        assert not got[0].isnan().all()
+        assert torch.equal(got[0].isnan(), got[1].isnan()), f"layout {layout}: rows written differ"
+        assert torch.equal(got[0].nan_to_num(), got[1].nan_to_num()), f"layout {layout}: flattened != nested"
+
+
 def test_tile_config_names_and_checks():
     for fp8 in (True, False):
         for rows in (32, 4096):
@@ -132,6 +191,14 @@ def test_tile_config_names_and_checks():
     assert config.TileConfig(128, 128, 128, num_stages=3, k_loop="pair", ctas_per_sm=2).name == \
         "128x128x128/w8s3/pair/x2"
     assert config.TileConfig(128, 128, 128).name == "128x128x128/w8s4"
+    assert config.TileConfig(128, 256, 64, num_stages=3, flatten=True).name == "128x256x64/w8s3/flat"
+    with pytest.raises(ValueError, match="flatten"):
+        config.TileConfig(128, 128, 128, k_loop="pair", flatten=True)
+    # Flattened tiles only for bf16 in the contiguous layout, with more than 64 rows per expert.
+    assert config.select(False, 4096, 4096, 256, 132, contiguous=True).flatten
+    assert not any(c.flatten for fp8 in (True, False) for rows in (32, 4096)
+                   for c in config.candidates(fp8, rows) + config.candidates(True, rows, contiguous=True))
+    assert not any(c.flatten for c in config.candidates(False, 32, contiguous=True))
     with pytest.raises(ValueError, match="k_loop"):
         config.TileConfig(128, 128, 128, k_loop="pipelined")
     with pytest.raises(ValueError, match="ctas_per_sm"):

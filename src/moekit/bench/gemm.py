@@ -92,7 +92,7 @@ def _sweep(timer: _Timer, layout: int, fp8: bool, rows_hint: int, a, b, out, flo
     b3 = b_data if b_data.dim() == 3 else b_data.unsqueeze(0)
     sb3 = sb if sb is None or sb.dim() == 3 else sb.unsqueeze(0)
     best = (0.0, None)
-    for config in tiles.candidates(fp8, rows_hint):
+    for config in tiles.candidates(fp8, rows_hint, contiguous=layout == kernel.CONTIGUOUS):
         run = _try(lambda: kernel.launch(layout, a_data, b3, out, config, sa=sa, sb=sb3, **index))
         rate = timer.tflops(run, flops)
         if rate is not None and rate > best[0]:

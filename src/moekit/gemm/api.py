@@ -81,9 +81,10 @@ def _checking(validate: bool, t: torch.Tensor) -> bool:
     return validate and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _config(fp8: bool, rows_hint: int, n: int, tiles_m_per_block: int, device: torch.device) -> tiles.TileConfig:
+def _config(fp8: bool, rows_hint: int, n: int, tiles_m_per_block: int, device: torch.device,
+            contiguous: bool = False) -> tiles.TileConfig:
     # Tile count with 128-row tiles; only used to decide whether narrower N tiles are needed.
-    return tiles.select(fp8, rows_hint, n, tiles_m_per_block, num_programs(device))
+    return tiles.select(fp8, rows_hint, n, tiles_m_per_block, num_programs(device), contiguous)
 
 
 def m_grouped_gemm_contiguous(a: Operand, b: Operand, out: torch.Tensor, m_indices: torch.Tensor, *,
@@ -119,7 +120,7 @@ def m_grouped_gemm_contiguous(a: Operand, b: Operand, out: torch.Tensor, m_indic
             raise ValueError(f"m_indices: each {tiles.M_ALIGNMENT}-row block must hold rows of one expert "
                              "(plus -1 padding): expert blocks must start at aligned rows")
     rows_hint = max(1, m // max(g, 1))
-    config = _config(sa is not None, rows_hint, n, m // 128, a_data.device)
+    config = _config(sa is not None, rows_hint, n, m // 128, a_data.device, contiguous=True)
     return launch(CONTIGUOUS, a_data, b3, out, config, sa=sa, sb=sb, m_indices=m_indices)
 
 

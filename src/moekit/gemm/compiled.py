@@ -11,7 +11,8 @@ iteration instead of waiting for them right after issue: 0 for the serial FP8 lo
 (its odd block). ptxas serialises every wgmma of a kernel (a wait after each instruction, info
 C7514 / C7515) when it cannot keep them in flight, e.g. when an in-flight accumulator is copied
 or spilled: ``serialized``, and ``mma_groups`` (WARPGROUP.ARRIVE in the SASS) then exceeds the
-number of dots.
+number of dots. ``dot_loop_depth``: loops around the MMA, 1 when Triton has fused a flattened
+config's tile and K loops (``TileConfig.flatten``), 2 otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _signature(fp8: bool, cfg: tiles.TileConfig) -> tuple[dict, dict]:
             sig[name] = "*bf16"
         elif name in ("sa_ptr", "sb_ptr"):
             sig[name] = "*fp32"
-        elif name in ("m_indices_ptr", "masked_m_ptr"):
+        elif name in ("m_indices_ptr", "masked_m_ptr", "row_tiles_ptr"):
             sig[name] = "*i32"
         else:
             sig[name] = "i32"
@@ -67,7 +68,7 @@ def compile_kernel(layout: str, fp8: bool, cfg: tiles.TileConfig):
     sig, attrs = _signature(fp8, cfg)
     constants = {"LAYOUT": _LAYOUTS[layout], "FP8": fp8, "UPCAST_BF16": False, "BLOCK_M": cfg.block_m,
                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-                 "K_LOOP": kernel.K_LOOP_IDS[cfg.k_loop] if fp8 else 0}
+                 "K_LOOP": kernel.K_LOOP_IDS[cfg.k_loop] if fp8 else 0, "FLATTEN": cfg.flatten}
     for name in constants:
         sig[name] = "constexpr"
     src = ASTSource(kernel._grouped_gemm_kernel, sig, constexprs=constants, attrs=attrs)
@@ -84,6 +85,21 @@ def _ptxas_log(ptx: str) -> str:
             f.write(ptx)
         cmd = [triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.o")]
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+
+def _dot_loop_depth(ttgir: str) -> int:
+    """Loops (scf.for) around the first MMA in the TTGIR: 2 for a tile loop holding a K loop, 1 once
+    Triton has fused them (a flattened config)."""
+    stack: list[bool] = []
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if "ttng.warp_group_dot " in text:
+            return sum(stack)
+        if text.startswith("}"):
+            stack.pop()
+        if text.endswith("{"):
+            stack.append("scf.for" in text)
+    return 0
 
 
 def report(layout: str, fp8: bool, cfg: tiles.TileConfig) -> dict:
@@ -105,7 +121,7 @@ def report(layout: str, fp8: bool, cfg: tiles.TileConfig) -> dict:
             "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else 0,
             "smem": smem, "fit_per_sm": fit, "dots": len(dots),
             # dots that Triton leaves in flight past their iteration (not waited for right after)
-            "dots_in_flight": sum(d not in waited for d in dots),
+            "dots_in_flight": sum(d not in waited for d in dots), "dot_loop_depth": _dot_loop_depth(ttgir),
             "mma_groups": sass.count("WARPGROUP.ARRIVE"), "mma_waits": sass.count("WARPGROUP.DEPBAR"),
             "serialized": bool(re.search(r"C751[0-9].*serialized", log))}
 
@@ -120,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = []
     for fp8 in (True, False) if args.bf16 else (True,):
         for rows in (32, 4096):
-            configs += [(fp8, c) for c in tiles.candidates(fp8, rows) if (fp8, c) not in configs]
+            configs += [(fp8, c) for c in tiles.candidates(fp8, rows, contiguous=True) if (fp8, c) not in configs]
     for layout in args.layouts:
         for fp8, cfg in configs:
             row = report(layout, fp8, cfg)
@@ -129,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{layout:10} {'fp8 ' if fp8 else 'bf16'} {cfg.name:28} regs {row['regs']:3}  "
                       f"spill {row['spill_bytes']:4} B  smem {row['smem'] // 1024:3} KiB  fit/SM {row['fit_per_sm']}  "
-                      f"dots {row['dots']} in flight {row['dots_in_flight']}  mma groups {row['mma_groups']:2}"
+                      f"dots {row['dots']} in flight {row['dots_in_flight']} in loops {row['dot_loop_depth']}  "
+                      f"mma groups {row['mma_groups']:2}"
                       f"{'  SERIALISED' if row['serialized'] else ''}", flush=True)
     return 0
 

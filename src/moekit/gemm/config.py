@@ -30,7 +30,13 @@ class TileConfig:
     fp32 tile in registers; see kernel._fp8_k_loop_pair). A pair config's ``num_stages`` counts
     iterations of two blocks, so each stage holds twice the shared memory. ``ctas_per_sm``:
     persistent programs launched per SM; 2 lets one program's MMAs run while the other promotes,
-    and pays off only when two fit on an SM (registers x threads, shared memory)."""
+    and pays off only when two fit on an SM (registers x threads, shared memory).
+
+    ``flatten``: the persistent tile loop and its K loop become one pipelined loop, so a tile's
+    first loads are issued while the tile before it is still being multiplied and stored, instead
+    of after. It needs a K trip count that is the same for every tile, so the tiles without valid
+    rows are first listed out by a small kernel. The stage buffers and the store's staging tile
+    must fit in shared memory together. Triton 3.6's pipeliner fails on the "pair" loop flattened."""
 
     block_m: int
     block_n: int
@@ -40,21 +46,26 @@ class TileConfig:
     num_stages: int = 4
     k_loop: str = "serial"
     ctas_per_sm: int = 1
+    flatten: bool = False
 
     def __post_init__(self):
         if self.k_loop not in K_LOOPS:
             raise ValueError(f"k_loop: expected one of {K_LOOPS}, got {self.k_loop!r}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"ctas_per_sm: expected a positive int, got {self.ctas_per_sm}")
+        if self.flatten and self.k_loop == "pair":
+            raise ValueError("flatten: the 'pair' K loop cannot be flattened (Triton's pipeliner fails on it)")
 
     @property
     def name(self) -> str:
-        """Short label, e.g. ``128x128x128/w8s4`` or ``128x128x128/w8s2/pair/x2``."""
+        """Short label, e.g. ``128x128x128/w8s4``, ``128x128x128/w8s2/pair/x2`` or ``128x256x64/w8s3/flat``."""
         label = f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}s{self.num_stages}"
         if self.k_loop != "serial":
             label += f"/{self.k_loop}"
         if self.ctas_per_sm != 1:
             label += f"/x{self.ctas_per_sm}"
+        if self.flatten:
+            label += "/flat"
         return label
 
 
@@ -90,21 +101,36 @@ _CANDIDATES = {
 }
 
 
-def candidates(fp8: bool, rows_hint: int) -> list[TileConfig]:
+# bf16 in the contiguous layout with more rows: the flattened loop first. H200, graph replays, L2
+# flushed, every repetition running each (40 repetitions), TFLOP/s of 128 x 256 x 64 flattened at 3
+# stages (its tile list included) against unflattened at 4: 8x4096 N 4096 K 7168 642 vs 639, 4x8192
+# 642 vs 640, 8x4096 N 7168 K 2048 561 vs 546, 4x8192 597 vs 582, the same behind 8192 padding rows
+# 614 vs 594. Flattened at 4 stages the stage buffers and the store's staging tile do not fit in
+# shared memory together and it ran at half speed (300); at 2 stages 460. In the masked layout (at
+# most a few row tiles per group) the flattened 3 stages lost 2-6% at K 7168 to the unflattened 4.
+_FLAT_CONTIGUOUS_BF16 = TileConfig(128, 256, 64, num_warps=8, num_stages=3, flatten=True)
+
+
+def candidates(fp8: bool, rows_hint: int, contiguous: bool = False) -> list[TileConfig]:
     """Configurations worth trying for operands of this kind, best first by the heuristic.
 
     ``rows_hint`` is the expected number of rows per expert (the M of a dense GEMM, the mean
-    expert block of the contiguous layout, ``expected_m`` of the masked one).
+    expert block of the contiguous layout, ``expected_m`` of the masked one); ``contiguous``: the
+    operands are in the contiguous layout.
     """
-    return list(_CANDIDATES[(fp8, rows_hint <= 64)])
+    found = list(_CANDIDATES[(fp8, rows_hint <= 64)])
+    if contiguous and not fp8 and rows_hint > 64:
+        found.insert(0, _FLAT_CONTIGUOUS_BF16)
+    return found
 
 
-def select(fp8: bool, rows_hint: int, n: int, num_tiles_m: int, num_programs: int) -> TileConfig:
+def select(fp8: bool, rows_hint: int, n: int, num_tiles_m: int, num_programs: int,
+           contiguous: bool = False) -> TileConfig:
     """The heuristic's configuration; halves BLOCK_N when the output has too few tiles to give every
     SM one (small M), where more tiles matter more than the reuse of wider ones. A halved serial
     tile gets one more pipeline stage in the shared memory it frees; a pair tile keeps its stages
     (each holds two K blocks)."""
-    config = candidates(fp8, rows_hint)[0]
+    config = candidates(fp8, rows_hint, contiguous)[0]
     tiles = num_tiles_m * -(-n // config.block_n)
     if 2 * tiles <= num_programs and config.block_n > 64:
         stages = config.num_stages + (config.k_loop == "serial")

@@ -29,6 +29,8 @@ K_LOOP_IDS = {name: i for i, name in enumerate(K_LOOPS)}
 _CONTIGUOUS, _MASKED = tl.constexpr(CONTIGUOUS), tl.constexpr(MASKED)
 _PAIR = tl.constexpr(K_LOOP_IDS["pair"])
 _SCALE_GROUP = tl.constexpr(128)
+# Row tiles _row_tiles_kernel scans per step (32 x 128 indices of the contiguous layout).
+_ROW_TILES_CHUNK = 32
 
 
 @triton.jit
@@ -102,6 +104,49 @@ def _fp8_k_loop_pair(a_desc, b_desc, sa_ptrs, sb_ptrs, a_row, b_row, k_tiles, st
     return _promote(acc, odd, sa_odd, sb_odd, BLOCK_N)
 
 
+@triton.jit
+def _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles, offs_m, offs_n,
+                  stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn, stride_sbk,
+                  FP8: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, K_LOOP: tl.constexpr):
+    """The fp32 tile ``sum_kb sa * sb * a[rows, kb] @ b[gb][cols, kb].T`` (scales 1 in bf16)."""
+    b_row = gb * N + n0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sa_ptrs = sa_ptr + ga * stride_sag + (m0 + offs_m) * stride_sam
+    if BLOCK_N <= _SCALE_GROUP:
+        sb_ptrs = sb_ptr + gb * stride_sbg + (n0 // _SCALE_GROUP) * stride_sbn
+    else:
+        sb_ptrs = sb_ptr + gb * stride_sbg + ((n0 + offs_n) // _SCALE_GROUP) * stride_sbn
+    if FP8 and K_LOOP == _PAIR:
+        acc = _fp8_k_loop_pair(a_desc, b_desc, sa_ptrs, sb_ptrs, a_row, b_row, k_tiles, stride_sak,
+                               stride_sbk, row_ok, n0 + offs_n < N, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        for kb in range(k_tiles):
+            a = a_desc.load([a_row, kb * BLOCK_K])
+            b = b_desc.load([b_row, kb * BLOCK_K])
+            if FP8:
+                sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
+                if BLOCK_N <= _SCALE_GROUP:
+                    sb = tl.load(sb_ptrs + kb * stride_sbk)
+                    acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+                else:
+                    sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n0 + offs_n < N, other=0.0)
+                    acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+            elif UPCAST_BF16:
+                acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, b.T, acc)
+    return acc
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on):
+    rows = (m0 + offs_m).to(tl.int64)
+    cols = n0 + offs_n
+    out_ptrs = out_ptr + ga.to(tl.int64) * stride_og + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
+
+
 # For each valid output row r of group g and column n:
 #   out[r, n] = bf16( sum_kb  sa[r, kb] * sb[g, n // 128, kb] * sum_{k in block kb} a[r, k] * b[g, n, k] )
 # FP8: the inner sum is a tensor-core dot accumulated in fp32, promoted into the fp32 total with
@@ -109,31 +154,38 @@ def _fp8_k_loop_pair(a_desc, b_desc, sa_ptrs, sb_ptrs, a_row, b_row, k_tiles, st
 # the dot accumulates directly. Rows that are not valid (padding, past masked_m) are not written.
 # UPCAST_BF16 is set only under the CPU interpreter, whose dot has no bf16 path; bf16 products are
 # exact in fp32, so the sums are the same.
+# FLATTEN (TileConfig.flatten): the tile loop walks only the row tiles listed in row_tiles_ptr
+# (count first, then the tiles; see _row_tiles_kernel), so every tile runs all k_tiles steps and
+# Triton can fuse the two loops into one pipeline that loads the next tile during this one's store.
 @triton.jit
 def _grouped_gemm_kernel(
-        a_desc, b_desc, out_ptr, sa_ptr, sb_ptr, m_indices_ptr, masked_m_ptr,
+        a_desc, b_desc, out_ptr, sa_ptr, sb_ptr, m_indices_ptr, masked_m_ptr, row_tiles_ptr,
         M, N, K, G, num_tiles_m, num_programs,
         stride_og, stride_om, stride_on,
         stride_sag, stride_sam, stride_sak,
         stride_sbg, stride_sbn, stride_sbk,
         LAYOUT: tl.constexpr, FP8: tl.constexpr, UPCAST_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        K_LOOP: tl.constexpr):
+        K_LOOP: tl.constexpr, FLATTEN: tl.constexpr):
     pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
+    if FLATTEN:
+        num_tiles_m = tl.load(row_tiles_ptr)
     num_tiles = num_tiles_m * num_tiles_n
     k_tiles = K // BLOCK_K
     # Masked layout: a row tile never straddles two groups.
     tiles_per_group = tl.cdiv(M, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    for tile in tl.range(pid, num_tiles, num_programs):
+    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
         # Swizzle: GROUP_M row tiles share each column tile while it sits in L2.
         tiles_in_band = GROUP_M * num_tiles_n
         first_m = (tile // tiles_in_band) * GROUP_M
         band_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
         tile_m = first_m + (tile % tiles_in_band) % band_m
         tile_n = (tile % tiles_in_band) // band_m
+        if FLATTEN:
+            tile_m = tl.load(row_tiles_ptr + 1 + tile_m)
 
         if LAYOUT == _MASKED:
             ga = tile_m // tiles_per_group
@@ -157,38 +209,55 @@ def _grouped_gemm_kernel(
             a_row = m0
             row_ok = m0 + offs_m < M
         n0 = tile_n * BLOCK_N
-        active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
-        if active:
-            b_row = gb * N + n0
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            sa_ptrs = sa_ptr + ga * stride_sag + (m0 + offs_m) * stride_sam
-            if BLOCK_N <= _SCALE_GROUP:
-                sb_ptrs = sb_ptr + gb * stride_sbg + (n0 // _SCALE_GROUP) * stride_sbn
-            else:
-                sb_ptrs = sb_ptr + gb * stride_sbg + ((n0 + offs_n) // _SCALE_GROUP) * stride_sbn
-            if FP8 and K_LOOP == _PAIR:
-                acc = _fp8_k_loop_pair(a_desc, b_desc, sa_ptrs, sb_ptrs, a_row, b_row, k_tiles, stride_sak,
-                                       stride_sbk, row_ok, n0 + offs_n < N, BLOCK_M, BLOCK_N, BLOCK_K)
-            else:
-                for kb in range(k_tiles):
-                    a = a_desc.load([a_row, kb * BLOCK_K])
-                    b = b_desc.load([b_row, kb * BLOCK_K])
-                    if FP8:
-                        sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
-                        if BLOCK_N <= _SCALE_GROUP:
-                            sb = tl.load(sb_ptrs + kb * stride_sbk)
-                            acc += tl.dot(a, b.T) * (sa * sb)[:, None]
-                        else:
-                            sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n0 + offs_n < N, other=0.0)
-                            acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
-                    elif UPCAST_BF16:
-                        acc = tl.dot(a.to(tl.float32), b.T.to(tl.float32), acc)
-                    else:
-                        acc = tl.dot(a, b.T, acc)
-            rows = (m0 + offs_m).to(tl.int64)
-            cols = n0 + offs_n
-            out_ptrs = out_ptr + ga.to(tl.int64) * stride_og + rows[:, None] * stride_om + cols[None, :] * stride_on
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
+        if FLATTEN:
+            acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
+                                offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
+                                stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
+            _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
+        else:
+            active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
+            if active:
+                acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
+                                    offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
+                                    stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
+                _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
+
+
+# row_tiles[0] = number of row tiles holding at least one valid row (an expert id in [0, G) in the
+# contiguous layout, a row below masked_m[g] in the masked one, any row in the dense one), and
+# row_tiles[1:] those tiles in increasing order. One program scans CHUNK tiles per step.
+@triton.jit
+def _row_tiles_kernel(m_indices_ptr, masked_m_ptr, row_tiles_ptr, M, G, num_tiles_m,
+                      LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    count = 0
+    for first in range(0, num_tiles_m, CHUNK):
+        t = first + tl.arange(0, CHUNK)
+        in_range = t < num_tiles_m
+        if LAYOUT == _CONTIGUOUS:
+            rows = t[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+            experts = tl.load(m_indices_ptr + rows, mask=in_range[:, None] & (rows < M), other=-1)
+            valid = tl.max(((experts >= 0) & (experts < G)).to(tl.int32), axis=1) > 0
+        elif LAYOUT == _MASKED:
+            tiles_per_group = tl.cdiv(M, BLOCK_M)
+            valid_rows = tl.minimum(tl.load(masked_m_ptr + t // tiles_per_group, mask=in_range, other=0), M)
+            valid = (t % tiles_per_group) * BLOCK_M < valid_rows
+        else:
+            valid = in_range
+        valid = valid & in_range
+        position = count + tl.cumsum(valid.to(tl.int32), axis=0) - 1
+        tl.store(row_tiles_ptr + 1 + position, t, mask=valid)
+        count += tl.sum(valid.to(tl.int32), axis=0)
+    tl.store(row_tiles_ptr, count)
+
+
+def list_row_tiles(layout: int, index: torch.Tensor, m: int, groups: int, tiles_m: int, block_m: int) -> torch.Tensor:
+    """int32 [1 + tiles_m]: how many row tiles of ``block_m`` rows hold a valid row, then those tiles
+    in order (the rest unwritten). ``index``: ``m_indices`` (contiguous) or ``masked_m`` (masked),
+    unread for the dense layout; ``m``: rows (M_sum, M_max or M)."""
+    row_tiles = torch.empty(1 + tiles_m, dtype=torch.int32, device=index.device)
+    _row_tiles_kernel[(1,)](index, index, row_tiles, m, groups, tiles_m,
+                            LAYOUT=layout, BLOCK_M=block_m, CHUNK=_ROW_TILES_CHUNK, num_warps=4)
+    return row_tiles
 
 
 def interpreting() -> bool:
@@ -235,12 +304,13 @@ def launch(layout: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, con
     index = m_indices if m_indices is not None else masked_m
     index = index if index is not None else torch.zeros(1, dtype=torch.int32, device=a.device)
     programs = min(num_programs(a.device) * config.ctas_per_sm, tiles_m * triton.cdiv(n, config.block_n))
+    row_tiles = list_row_tiles(layout, index, m, groups, tiles_m, config.block_m) if config.flatten else index
     _grouped_gemm_kernel[(programs,)](
-        a_desc, b_desc, out3, sa, sb, index, index,
+        a_desc, b_desc, out3, sa, sb, index, index, row_tiles,
         m, n, k, groups, tiles_m, programs,
         *out3.stride(), *sa_strides, *sb_strides,
         LAYOUT=layout, FP8=fp8, UPCAST_BF16=not fp8 and a.device.type != "cuda",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, K_LOOP=K_LOOP_IDS[config.k_loop] if fp8 else 0,
+        GROUP_M=config.group_m, K_LOOP=K_LOOP_IDS[config.k_loop] if fp8 else 0, FLATTEN=config.flatten,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
