@@ -1,5 +1,8 @@
 """Pieces of the benchmarks that run without a GPU: row sizes, merging rounds, the NVSHMEM heap size,
-the triton backend's buffer size, the bytes a low-latency call moves across NVLink."""
+the triton backend's buffer size, the bytes a low-latency call moves across NVLink, timing calls
+that take turns."""
+
+import time
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from moekit.bench._nvlink import row_bytes
 from moekit.bench._vdev import heap_bytes
 from moekit.bench.gemm import _median_row
 from moekit.bench.low_latency import crossing_bytes
+from moekit.bench.timing import median_us, medians_us
 from moekit.ep.triton_normal import _capacity, one_round_nvl_bytes
 
 
@@ -69,3 +73,21 @@ def test_crossing_bytes_counts_pairs_and_tokens_per_remote_rank():
 def test_crossing_bytes_of_a_rank_that_sends_nothing_remote():
     owners = [torch.zeros(4, 2, dtype=torch.int64), torch.ones(0, 2, dtype=torch.int64)]
     assert crossing_bytes(owners, 2, 128) == (0, 0, 0, 0)
+
+
+def test_medians_us_takes_turns_and_times_each_call():
+    calls = []
+
+    def call(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    fns = {"slow": call("slow", 0.004), "fast": call("fast", 0.0), "mid": call("mid", 0.002)}
+    got = medians_us(fns, warmup=1, repeat=3)
+    assert list(got) == ["slow", "fast", "mid"]
+    assert got["fast"] < got["mid"] < got["slow"] and got["slow"] >= 4000
+    # warm-up once each, then every repetition starts one further along the list
+    assert calls == ["slow", "fast", "mid"] + ["slow", "fast", "mid", "fast", "mid", "slow", "mid", "slow", "fast"]
+    assert median_us(call("one", 0.001), warmup=0, repeat=2) >= 1000

@@ -3,8 +3,8 @@
 Rows: dense FP8 (M in {64, 128, 4096} x six (N, K)), contiguous grouped (4 x 8192 and 8 x 4096 rows)
 and masked grouped (1 x 1024, 2 x 512, 4 x 256 rows) on (N, K) in {(4096, 7168), (7168, 2048)}.
 Each row gives TFLOP/s (2 * valid rows * N * K over the median time, L2 flushed before each call)
-of moekit's FP8 and bf16 kernels beside torch's own kernels timed in the same run
-(``torch._scaled_mm`` / ``torch._scaled_grouped_mm`` with row-wise FP8 scales, a cheaper and
+of moekit's FP8 and bf16 kernels beside torch's own kernels timed in the same run, the two taking
+turns call by call (``torch._scaled_mm`` / ``torch._scaled_grouped_mm`` with row-wise FP8 scales, a cheaper and
 coarser scaling than DeepSeek's; ``torch.matmul`` / ``torch._grouped_mm`` in bf16), the ratios to
 them, and the fraction of the dense FP8 rate (``torch._scaled_mm``, per-tensor scales, 8192^3)
 measured in the same run. ``--sweep`` also times every candidate tile configuration.
@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from moekit.bench.report import Report, add_output_args
-from moekit.bench.timing import median_us
+from moekit.bench.timing import medians_us
 from moekit.gemm import api, config as tiles, inputs, kernel
 from moekit.gemm.layout import contiguous_m_indices
 
@@ -47,7 +47,7 @@ class _Timer:
     With ``graphs`` each call is captured once in a CUDA graph and the graph is replayed, so the
     time is the kernels' alone: a small GEMM launched eagerly can finish before Python has issued
     the next one, and then the GPU waits for the host (a call that cannot be captured is timed
-    eagerly)."""
+    eagerly). Calls compared with each other are timed taking turns (:func:`medians_us`)."""
 
     def __init__(self, repeat: int, graphs: bool = False):
         self.repeat = repeat
@@ -55,12 +55,13 @@ class _Timer:
         self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
     def tflops(self, fn: Callable[[], object] | None, flops: float) -> float | None:
-        if fn is None:
-            return None
-        if self.graphs:
-            fn = _as_graph(fn)
-        us = median_us(fn, warmup=5, repeat=self.repeat, setup=self.flush.zero_)
-        return flops / us / 1e6
+        return self.tflops_each({"": fn}, flops)[""]
+
+    def tflops_each(self, fns: dict[str, Callable[[], object] | None], flops: float) -> dict[str, float | None]:
+        """TFLOP/s of each call (None for a call that is None: one that does not run here)."""
+        runs = {name: _as_graph(fn) if self.graphs else fn for name, fn in fns.items() if fn is not None}
+        us = medians_us(runs, warmup=5, repeat=self.repeat, setup=self.flush.zero_) if runs else {}
+        return {name: flops / us[name] / 1e6 if name in us else None for name in fns}
 
 
 def _as_graph(fn: Callable[[], object]) -> Callable[[], object]:
@@ -119,10 +120,11 @@ def _measure(timer: _Timer, kind: str, g: int, m: int, n: int, k: int, sweep: bo
     if kind == "dense":
         a8, b8 = inputs.activations((m, k), True, dev), inputs.weights((n, k), True, dev)
         out = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
-        row["fp8"] = timer.tflops(lambda: api.gemm_fp8_nt(a8, b8, out), flops)
         sa_row, sb_row = a8[1][:, :1].contiguous(), b8[1][:, :1].repeat_interleave(128, 0)[:n].T.contiguous()
-        row["torch_fp8"] = timer.tflops(_try(lambda: torch._scaled_mm(
-            a8[0], b8[0].T, sa_row, sb_row, out_dtype=torch.bfloat16)), flops)
+        row.update(timer.tflops_each({
+            "fp8": lambda: api.gemm_fp8_nt(a8, b8, out),
+            "torch_fp8": _try(lambda: torch._scaled_mm(a8[0], b8[0].T, sa_row, sb_row, out_dtype=torch.bfloat16))},
+            flops))
         if sweep:
             row["fp8_best"], row["fp8_cfg"] = _sweep(timer, kernel.DENSE, True, m, a8, b8, out, flops)
         return row
@@ -141,15 +143,14 @@ def _measure(timer: _Timer, kind: str, g: int, m: int, n: int, k: int, sweep: bo
             ours = lambda: api.m_grouped_gemm_masked(a, b, out, index["masked_m"], m, validate=False)
             layout, offs = kernel.MASKED, None
         b = inputs.weights((g, n, k), fp8, dev)
-        row[key] = timer.tflops(ours, flops)
         if fp8:
             sa_row = a[1][..., 0].contiguous()
             sb_row = b[1][:, :, 0].repeat_interleave(128, 1)[:, :n].contiguous()
-            row["torch_fp8"] = timer.tflops(_try(lambda: torch._scaled_grouped_mm(
-                a[0], b[0].transpose(-2, -1), sa_row, sb_row, offs=offs, out_dtype=torch.bfloat16)), flops)
+            theirs = _try(lambda: torch._scaled_grouped_mm(
+                a[0], b[0].transpose(-2, -1), sa_row, sb_row, offs=offs, out_dtype=torch.bfloat16))
         else:
-            row["torch_bf16"] = timer.tflops(_try(lambda: torch._grouped_mm(
-                a, b.transpose(-2, -1), offs=offs, out_dtype=torch.bfloat16)), flops)
+            theirs = _try(lambda: torch._grouped_mm(a, b.transpose(-2, -1), offs=offs, out_dtype=torch.bfloat16))
+        row.update(timer.tflops_each({key: ours, f"torch_{key}": theirs}, flops))
         if sweep:
             row[f"{key}_best"], row[f"{key}_cfg"] = _sweep(timer, layout, fp8, m, a, b, out, flops, **index)
         a = b = out = None  # free this dtype's operands before the next one

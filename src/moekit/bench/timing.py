@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -16,27 +16,40 @@ def median_us(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30,
     On CUDA each call is bracketed by events on the current stream; on the CPU by a host clock.
     ``setup`` runs before every call, outside the timed region (e.g. to refresh inputs or flush L2).
     """
+    return medians_us({"": fn}, warmup=warmup, repeat=repeat, setup=setup)[""]
+
+
+def medians_us(fns: Mapping[str, Callable[[], object]], *, warmup: int = 5, repeat: int = 30,
+               setup: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median time in microseconds of each call in ``fns``, timed as :func:`median_us` times one,
+    the calls taking turns: every repetition runs each once, starting one further along the list
+    each time. A clock that drifts during the run (heat, power) then slows every call alike, so the
+    ratios between them hold where separate runs of each could differ by several percent."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    names = list(fns)
     for _ in range(warmup):
-        if setup is not None:
-            setup()
-        fn()
-    times = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        for name in names:
+            if setup is not None:
+                setup()
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeat):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            if setup is not None:
+                setup()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def back_to_back_us(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30,
