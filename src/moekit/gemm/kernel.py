@@ -210,17 +210,14 @@ def _grouped_gemm_kernel(
             row_ok = m0 + offs_m < M
         n0 = tile_n * BLOCK_N
         if FLATTEN:
+            active = True  # listed tiles hold valid rows; a branch here would keep Triton from fusing
+        else:
+            active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
+        if active:
             acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
                                 offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
                                 stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
             _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
-        else:
-            active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
-            if active:
-                acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
-                                    offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
-                                    stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
-                _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
 
 
 # row_tiles[0] = number of row tiles holding at least one valid row (an expert id in [0, G) in the
