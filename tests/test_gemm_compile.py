@@ -63,10 +63,12 @@ def test_new_fp8_candidates_compile_for_sm90():
 @pytest.mark.skipif(not _nvidia_tools_present(), reason="Triton's NVIDIA backend tools (ptxas, cuobjdump) missing")
 def test_flattened_bf16_candidate_fuses_its_loops():
     """Triton must fuse the flattened config's tile and K loops into one (the MMA then sits in a
-    single loop), without spills; the nested candidate keeps two."""
+    single loop) and store its full tiles with TMA, without spills; the nested candidate keeps two
+    loops and stores row by row."""
     flat = config.candidates(False, 4096, contiguous=True)[0]
     nested = config.candidates(False, 4096)[0]
     assert flat.flatten and not nested.flatten
     flat_row, nested_row = _reports([("contiguous", False, flat), ("contiguous", False, nested)])
     assert flat_row["dot_loop_depth"] == 1 and nested_row["dot_loop_depth"] == 2, (flat_row, nested_row)
     assert flat_row["spill_bytes"] == 0 and not flat_row["serialized"], flat_row
+    assert flat_row["tma_stores"] >= 1 and nested_row["tma_stores"] == 0, (flat_row, nested_row)

@@ -126,9 +126,10 @@ def test_k_loop_pair(cfg, k):
 
 @pytest.mark.parametrize("layout", [kernel.CONTIGUOUS, kernel.MASKED])
 def test_list_row_tiles(layout):
-    """The flattened loop's tile list, over several scan steps (70 tiles of 16 rows): the tiles with
-    a valid row, in order. Contiguous: padding-only tiles at the start, middle and end, and expert
-    ids out of range count as padding; masked: counts 0, full, one row, one tile exactly."""
+    """The flattened loop's tile lists, over several scan steps (70 tiles of 16 rows): the full tiles
+    and the tiles with some valid rows, in order. Contiguous: padding-only tiles at the start, middle
+    and end, and expert ids out of range count as padding; masked: counts 0, full, one row, one
+    tile exactly, one tile and a row; dense: M ending inside the last tile."""
     torch.manual_seed(8)
     block = 16
     if layout == kernel.CONTIGUOUS:
@@ -139,25 +140,31 @@ def test_list_row_tiles(layout):
         index[-2 * block:] = -1
         index[40 * block:41 * block] = torch.tensor([-1] * 15 + [groups], dtype=torch.int32)
         tiles_m = rows // block
-        valid = ((index >= 0) & (index < groups)).view(tiles_m, block).any(1)
+        index[5 * block:8 * block] = 1  # full tiles (the random rest has padding in every tile)
+        ok = ((index >= 0) & (index < groups)).view(tiles_m, block)
+        valid, full = ok.any(1), ok.all(1)
     else:
         groups, rows = 14, 80  # 5 tiles per group
         index = torch.randint(0, rows + 1, (groups,), dtype=torch.int32)
         index[:5] = torch.tensor([0, rows, 1, block, block + 1], dtype=torch.int32)
         tiles_m = groups * 5
-        valid = torch.arange(5).repeat(groups) * block < index.repeat_interleave(5)
+        starts, counts = torch.arange(5).repeat(groups) * block, index.repeat_interleave(5)
+        valid, full = starts < counts, starts + block <= counts
     got = kernel.list_row_tiles(layout, index, rows, groups, tiles_m, block)
-    want = valid.nonzero().flatten().to(torch.int32)
-    assert int(got[0]) == want.numel() and torch.equal(got[1:1 + want.numel()], want)
-    dense = kernel.list_row_tiles(kernel.DENSE, index, 3 * block, 1, 3, block)
-    assert dense.tolist() == [3, 0, 1, 2]
+    for count, first, tiles in ((got[0], 2, full), (got[1], 2 + tiles_m, valid & ~full)):
+        want = tiles.nonzero().flatten().to(torch.int32)
+        assert int(count) == want.numel() and torch.equal(got[first:first + want.numel()], want)
+    assert int(got[0]) > 0 and int(got[1]) > 0
+    dense = kernel.list_row_tiles(kernel.DENSE, index, 3 * block - 5, 1, 3, block)
+    assert dense[:4].tolist() == [2, 1, 0, 1] and int(dense[2 + 3]) == 2
 
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_flattened_tile_loop(fp8):
     """The flattened loop in every layout, including row tiles with no valid row (padding-only
-    blocks, an empty expert, masked counts of 0): bit for bit the nested loop's result, and the
-    rows it must not write left untouched."""
+    blocks, an empty expert, masked counts of 0) and with some (stored row by row, after the full
+    tiles' TMA stores), and an output whose rows TMA cannot store: bit for bit the nested loop's
+    result, and the rows it must not write left untouched."""
     torch.manual_seed(9)
     nested = config.TileConfig(64, 64, 128 if fp8 else 64, num_warps=4, num_stages=2)
     flat = dataclasses.replace(nested, flatten=True)
@@ -171,6 +178,9 @@ def test_flattened_tile_loop(fp8):
               {"masked_m": torch.tensor([150, 0, 77], dtype=torch.int32)}),
              (kernel.DENSE, x, b_data[:1], None if sb is None else sb[:1], torch.full((70, 160), NAN, dtype=torch.bfloat16),
               {})]
+    # Rows of 328 bytes: no TMA stores, the flattened loop's full tiles stored row by row.
+    unaligned = torch.full((idx.numel(), 164), NAN, dtype=torch.bfloat16)[:, :160]
+    cases.append((kernel.CONTIGUOUS, a, b_data, sb, unaligned, {"m_indices": idx}))
     for layout, a_, b_, sb_, out_, index in cases:
         a_data, sa = split(a_)
         got = []

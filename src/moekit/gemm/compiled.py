@@ -12,7 +12,8 @@ iteration instead of waiting for them right after issue: 0 for the serial FP8 lo
 C7514 / C7515) when it cannot keep them in flight, e.g. when an in-flight accumulator is copied
 or spilled: ``serialized``, and ``mma_groups`` (WARPGROUP.ARRIVE in the SASS) then exceeds the
 number of dots. ``dot_loop_depth``: loops around the MMA, 1 when Triton has fused a flattened
-config's tile and K loops (``TileConfig.flatten``), 2 otherwise.
+config's tile and K loops (``TileConfig.flatten``), 2 otherwise; ``tma_stores``: output tiles
+stored with TMA (a flattened config's full tiles).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _signature(fp8: bool, cfg: tiles.TileConfig) -> tuple[dict, dict]:
             sig[name] = f"tensordesc<{dt}[{cfg.block_m}, {cfg.block_k}]>"
         elif name == "b_desc":
             sig[name] = f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_k}]>"
+        elif name == "out_desc":  # read only by flattened configs, which store full tiles with TMA
+            sig[name] = f"tensordesc<bf16[{cfg.block_m}, {cfg.block_n}]>"
         elif name == "out_ptr":
             sig[name] = "*bf16"
         elif name in ("sa_ptr", "sb_ptr"):
@@ -68,7 +71,8 @@ def compile_kernel(layout: str, fp8: bool, cfg: tiles.TileConfig):
     sig, attrs = _signature(fp8, cfg)
     constants = {"LAYOUT": _LAYOUTS[layout], "FP8": fp8, "UPCAST_BF16": False, "BLOCK_M": cfg.block_m,
                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-                 "K_LOOP": kernel.K_LOOP_IDS[cfg.k_loop] if fp8 else 0, "FLATTEN": cfg.flatten}
+                 "K_LOOP": kernel.K_LOOP_IDS[cfg.k_loop] if fp8 else 0, "FLATTEN": cfg.flatten,
+                 "TMA_STORE": cfg.flatten}
     for name in constants:
         sig[name] = "constexpr"
     src = ASTSource(kernel._grouped_gemm_kernel, sig, constexprs=constants, attrs=attrs)
@@ -122,6 +126,7 @@ def report(layout: str, fp8: bool, cfg: tiles.TileConfig) -> dict:
             "smem": smem, "fit_per_sm": fit, "dots": len(dots),
             # dots that Triton leaves in flight past their iteration (not waited for right after)
             "dots_in_flight": sum(d not in waited for d in dots), "dot_loop_depth": _dot_loop_depth(ttgir),
+            "tma_stores": ttgir.count("ttng.async_tma_copy_local_to_global"),
             "mma_groups": sass.count("WARPGROUP.ARRIVE"), "mma_waits": sass.count("WARPGROUP.DEPBAR"),
             "serialized": bool(re.search(r"C751[0-9].*serialized", log))}
 

@@ -34,9 +34,11 @@ class TileConfig:
 
     ``flatten``: the persistent tile loop and its K loop become one pipelined loop, so a tile's
     first loads are issued while the tile before it is still being multiplied and stored, instead
-    of after. It needs a K trip count that is the same for every tile, so the tiles without valid
-    rows are first listed out by a small kernel. The stage buffers and the store's staging tile
-    must fit in shared memory together. Triton 3.6's pipeliner fails on the "pair" loop flattened."""
+    of after, and full tiles are stored with TMA (where ``out``'s strides allow), which the warps
+    do not wait for. It needs a K trip count that is the same for every tile, so a small kernel
+    first lists the full row tiles and those with padding; the latter follow in a nested loop that
+    stores row by row. The stage buffers and the store's staging tile must fit in shared memory
+    together. Triton 3.6's pipeliner fails on the "pair" loop flattened."""
 
     block_m: int
     block_n: int
@@ -102,12 +104,13 @@ _CANDIDATES = {
 
 
 # bf16 in the contiguous layout with more rows: the flattened loop first. H200, graph replays, L2
-# flushed, every repetition running each (40 repetitions), TFLOP/s of 128 x 256 x 64 flattened at 3
-# stages (its tile list included) against unflattened at 4: 8x4096 N 4096 K 7168 642 vs 639, 4x8192
-# 642 vs 640, 8x4096 N 7168 K 2048 561 vs 546, 4x8192 597 vs 582, the same behind 8192 padding rows
-# 614 vs 594. Flattened at 4 stages the stage buffers and the store's staging tile do not fit in
-# shared memory together and it ran at half speed (300); at 2 stages 460. In the masked layout (at
-# most a few row tiles per group) the flattened 3 stages lost 2-6% at K 7168 to the unflattened 4.
+# flushed, the calls taking turns (40 repetitions), TFLOP/s of 128 x 256 x 64 at 3 stages flattened
+# with TMA stores, against unflattened at 4 stages (two A/B runs chained, see BENCHMARKS.md):
+# 8x4096 N 4096 K 7168 +1.6%, 4x8192 +1.4%, 8x4096 N 7168 K 2048 +7.9%, 4x8192 +6.4%, behind 8192
+# padding rows +7.1%. Flattened at 4 stages the stage buffers and the store's staging tile do not
+# fit in shared memory together and it ran at half speed (300); at 2 stages 460. In the masked
+# layout (at most a few row tiles per group) the flattened 3 stages lost 2-6% at K 7168 to the
+# unflattened 4.
 _FLAT_CONTIGUOUS_BF16 = TileConfig(128, 256, 64, num_warps=8, num_stages=3, flatten=True)
 
 

@@ -147,6 +147,46 @@ def _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, 
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
 
 
+@triton.jit
+def _swizzle(tile, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile ``tile``: GROUP_M row tiles share each column tile
+    while it sits in L2."""
+    tiles_in_band = GROUP_M * num_tiles_n
+    first_m = (tile // tiles_in_band) * GROUP_M
+    band_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
+    return first_m + (tile % tiles_in_band) % band_m, (tile % tiles_in_band) // band_m
+
+
+@triton.jit
+def _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tile ``tile_m``: (a's group, b's group, first row in the group, first row of a's 2-D view,
+    which rows are valid)."""
+    if LAYOUT == _MASKED:
+        # A row tile never straddles two groups.
+        tiles_per_group = tl.cdiv(M, BLOCK_M)
+        ga = tile_m // tiles_per_group
+        gb = ga
+        m0 = (tile_m % tiles_per_group) * BLOCK_M
+        a_row = ga * M + m0
+        valid_rows = tl.minimum(tl.load(masked_m_ptr + ga), M)
+        row_ok = m0 + offs_m < valid_rows
+    elif LAYOUT == _CONTIGUOUS:
+        ga = tile_m * 0
+        m0 = tile_m * BLOCK_M
+        a_row = m0
+        experts = tl.load(m_indices_ptr + m0 + offs_m, mask=m0 + offs_m < M, other=-1)
+        # All valid rows of a tile share one expert (alignment), so the max names it.
+        gb = tl.max(experts, axis=0)
+        row_ok = (experts >= 0) & (experts < G)
+    else:
+        ga = tile_m * 0
+        gb = ga
+        m0 = tile_m * BLOCK_M
+        a_row = m0
+        row_ok = m0 + offs_m < M
+    return ga, gb, m0, a_row, row_ok
+
+
 # For each valid output row r of group g and column n:
 #   out[r, n] = bf16( sum_kb  sa[r, kb] * sb[g, n // 128, kb] * sum_{k in block kb} a[r, k] * b[g, n, k] )
 # FP8: the inner sum is a tensor-core dot accumulated in fp32, promoted into the fp32 total with
@@ -154,65 +194,51 @@ def _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, 
 # the dot accumulates directly. Rows that are not valid (padding, past masked_m) are not written.
 # UPCAST_BF16 is set only under the CPU interpreter, whose dot has no bf16 path; bf16 products are
 # exact in fp32, so the sums are the same.
-# FLATTEN (TileConfig.flatten): the tile loop walks only the row tiles listed in row_tiles_ptr
-# (count first, then the tiles; see _row_tiles_kernel), so every tile runs all k_tiles steps and
-# Triton can fuse the two loops into one pipeline that loads the next tile during this one's store.
+# FLATTEN (TileConfig.flatten): the tiles are walked from the lists of row_tiles_ptr (see
+# _row_tiles_kernel). Full row tiles first, in a loop Triton fuses with its K loop (every tile runs
+# all k_tiles steps), so the next tile's loads are issued during this one's store; with TMA_STORE
+# the store is a TMA copy of the whole tile, which the warps do not wait for. Then the row tiles
+# with padding, nested, stored row by row so that padding rows stay untouched.
 @triton.jit
 def _grouped_gemm_kernel(
-        a_desc, b_desc, out_ptr, sa_ptr, sb_ptr, m_indices_ptr, masked_m_ptr, row_tiles_ptr,
+        a_desc, b_desc, out_desc, out_ptr, sa_ptr, sb_ptr, m_indices_ptr, masked_m_ptr, row_tiles_ptr,
         M, N, K, G, num_tiles_m, num_programs,
         stride_og, stride_om, stride_on,
         stride_sag, stride_sam, stride_sak,
         stride_sbg, stride_sbn, stride_sbk,
         LAYOUT: tl.constexpr, FP8: tl.constexpr, UPCAST_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        K_LOOP: tl.constexpr, FLATTEN: tl.constexpr):
+        K_LOOP: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr):
     pid = tl.program_id(0)
     num_tiles_n = tl.cdiv(N, BLOCK_N)
-    if FLATTEN:
-        num_tiles_m = tl.load(row_tiles_ptr)
-    num_tiles = num_tiles_m * num_tiles_n
     k_tiles = K // BLOCK_K
-    # Masked layout: a row tile never straddles two groups.
-    tiles_per_group = tl.cdiv(M, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    for tile in tl.range(pid, num_tiles, num_programs, flatten=FLATTEN):
-        # Swizzle: GROUP_M row tiles share each column tile while it sits in L2.
-        tiles_in_band = GROUP_M * num_tiles_n
-        first_m = (tile // tiles_in_band) * GROUP_M
-        band_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
-        tile_m = first_m + (tile % tiles_in_band) % band_m
-        tile_n = (tile % tiles_in_band) // band_m
+    if FLATTEN:
+        num_full = tl.load(row_tiles_ptr)
+        for tile in tl.range(pid, num_full * num_tiles_n, num_programs, flatten=True):
+            tile_m, tile_n = _swizzle(tile, num_full, num_tiles_n, GROUP_M)
+            tile_m = tl.load(row_tiles_ptr + 2 + tile_m)
+            ga, gb, m0, a_row, row_ok = _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT,
+                                                   BLOCK_M)
+            n0 = tile_n * BLOCK_N
+            acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
+                                offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
+                                stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
+            if TMA_STORE:
+                out_desc.store([ga * M + m0, n0], acc.to(out_ptr.dtype.element_ty))
+            else:
+                _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
+        first_listed = 2 + num_tiles_m
+        num_tiles_m = tl.load(row_tiles_ptr + 1)
+    # Nested: every row tile, or with FLATTEN the listed ones that hold padding.
+    for tile in tl.range(pid, num_tiles_m * num_tiles_n, num_programs):
+        tile_m, tile_n = _swizzle(tile, num_tiles_m, num_tiles_n, GROUP_M)
         if FLATTEN:
-            tile_m = tl.load(row_tiles_ptr + 1 + tile_m)
-
-        if LAYOUT == _MASKED:
-            ga = tile_m // tiles_per_group
-            gb = ga
-            m0 = (tile_m % tiles_per_group) * BLOCK_M
-            a_row = ga * M + m0
-            valid_rows = tl.minimum(tl.load(masked_m_ptr + ga), M)
-            row_ok = m0 + offs_m < valid_rows
-        elif LAYOUT == _CONTIGUOUS:
-            ga = tile_m * 0
-            m0 = tile_m * BLOCK_M
-            a_row = m0
-            experts = tl.load(m_indices_ptr + m0 + offs_m, mask=m0 + offs_m < M, other=-1)
-            # All valid rows of a tile share one expert (alignment), so the max names it.
-            gb = tl.max(experts, axis=0)
-            row_ok = (experts >= 0) & (experts < G)
-        else:
-            ga = tile_m * 0
-            gb = ga
-            m0 = tile_m * BLOCK_M
-            a_row = m0
-            row_ok = m0 + offs_m < M
+            tile_m = tl.load(row_tiles_ptr + first_listed + tile_m)
+        ga, gb, m0, a_row, row_ok = _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT, BLOCK_M)
         n0 = tile_n * BLOCK_N
-        if FLATTEN:
-            active = True  # listed tiles hold valid rows; a branch here would keep Triton from fusing
-        else:
-            active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
+        active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
         if active:
             acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
                                 offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
@@ -220,38 +246,52 @@ def _grouped_gemm_kernel(
             _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
 
 
-# row_tiles[0] = number of row tiles holding at least one valid row (an expert id in [0, G) in the
-# contiguous layout, a row below masked_m[g] in the masked one, any row in the dense one), and
-# row_tiles[1:] those tiles in increasing order. One program scans CHUNK tiles per step.
+# The row tiles (BLOCK_M rows) that hold a valid row (an expert id in [0, G) in the contiguous
+# layout, a row below masked_m[g] in the masked one, any row below M in the dense one), split in
+# two lists: row_tiles[0] = how many are full (every row valid), row_tiles[1] = how many are not,
+# then the full ones in increasing order from row_tiles[2], the others from row_tiles[2 + num_tiles_m].
+# One program scans CHUNK tiles per step.
 @triton.jit
 def _row_tiles_kernel(m_indices_ptr, masked_m_ptr, row_tiles_ptr, M, G, num_tiles_m,
                       LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
-    count = 0
+    num_full = 0
+    num_partial = 0
     for first in range(0, num_tiles_m, CHUNK):
         t = first + tl.arange(0, CHUNK)
         in_range = t < num_tiles_m
         if LAYOUT == _CONTIGUOUS:
             rows = t[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
             experts = tl.load(m_indices_ptr + rows, mask=in_range[:, None] & (rows < M), other=-1)
-            valid = tl.max(((experts >= 0) & (experts < G)).to(tl.int32), axis=1) > 0
-        elif LAYOUT == _MASKED:
-            tiles_per_group = tl.cdiv(M, BLOCK_M)
-            valid_rows = tl.minimum(tl.load(masked_m_ptr + t // tiles_per_group, mask=in_range, other=0), M)
-            valid = (t % tiles_per_group) * BLOCK_M < valid_rows
+            valid_in_tile = tl.sum(((experts >= 0) & (experts < G)).to(tl.int32), axis=1)
+            valid = valid_in_tile > 0
+            full = valid_in_tile == BLOCK_M
         else:
-            valid = in_range
-        valid = valid & in_range
-        position = count + tl.cumsum(valid.to(tl.int32), axis=0) - 1
-        tl.store(row_tiles_ptr + 1 + position, t, mask=valid)
-        count += tl.sum(valid.to(tl.int32), axis=0)
-    tl.store(row_tiles_ptr, count)
+            if LAYOUT == _MASKED:
+                tiles_per_group = tl.cdiv(M, BLOCK_M)
+                valid_rows = tl.minimum(tl.load(masked_m_ptr + t // tiles_per_group, mask=in_range, other=0), M)
+                m0 = (t % tiles_per_group) * BLOCK_M
+            else:
+                valid_rows = M
+                m0 = t * BLOCK_M
+            valid = m0 < valid_rows
+            full = m0 + BLOCK_M <= valid_rows
+        full = full & in_range
+        partial = valid & in_range & ~full
+        tl.store(row_tiles_ptr + 2 + num_full + tl.cumsum(full.to(tl.int32), axis=0) - 1, t, mask=full)
+        tl.store(row_tiles_ptr + 2 + num_tiles_m + num_partial + tl.cumsum(partial.to(tl.int32), axis=0) - 1, t,
+                 mask=partial)
+        num_full += tl.sum(full.to(tl.int32), axis=0)
+        num_partial += tl.sum(partial.to(tl.int32), axis=0)
+    tl.store(row_tiles_ptr, num_full)
+    tl.store(row_tiles_ptr + 1, num_partial)
 
 
 def list_row_tiles(layout: int, index: torch.Tensor, m: int, groups: int, tiles_m: int, block_m: int) -> torch.Tensor:
-    """int32 [1 + tiles_m]: how many row tiles of ``block_m`` rows hold a valid row, then those tiles
-    in order (the rest unwritten). ``index``: ``m_indices`` (contiguous) or ``masked_m`` (masked),
-    unread for the dense layout; ``m``: rows (M_sum, M_max or M)."""
-    row_tiles = torch.empty(1 + tiles_m, dtype=torch.int32, device=index.device)
+    """int32 [2 + 2 * tiles_m]: of the row tiles of ``block_m`` rows that hold a valid row, how many
+    are full and how many are not, then the full ones in order from index 2 and the others from
+    index ``2 + tiles_m`` (the rest unwritten). ``index``: ``m_indices`` (contiguous) or
+    ``masked_m`` (masked), unread for the dense layout; ``m``: rows (M_sum, M_max or M)."""
+    row_tiles = torch.empty(2 + 2 * tiles_m, dtype=torch.int32, device=index.device)
     _row_tiles_kernel[(1,)](index, index, row_tiles, m, groups, tiles_m,
                             LAYOUT=layout, BLOCK_M=block_m, CHUNK=_ROW_TILES_CHUNK, num_warps=4)
     return row_tiles
@@ -302,12 +342,21 @@ def launch(layout: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, con
     index = index if index is not None else torch.zeros(1, dtype=torch.int32, device=a.device)
     programs = min(num_programs(a.device) * config.ctas_per_sm, tiles_m * triton.cdiv(n, config.block_n))
     row_tiles = list_row_tiles(layout, index, m, groups, tiles_m, config.block_m) if config.flatten else index
+    # TMA stores need a 2-D view of out: unit column stride, 16-byte rows, groups back to back.
+    tma_store = (config.flatten and out3.stride(2) == 1 and out3.stride(0) == m * out3.stride(1)
+                 and out3.stride(1) * out3.element_size() % 16 == 0 and out3.data_ptr() % 16 == 0)
+    out_desc = a_desc  # never read unless tma_store
+    if tma_store:
+        rows_out = out3.shape[0] * m
+        out_desc = TensorDescriptor(torch.as_strided(out3, (rows_out, n), (out3.stride(1), 1)), [rows_out, n],
+                                    [out3.stride(1), 1], [config.block_m, config.block_n])
     _grouped_gemm_kernel[(programs,)](
-        a_desc, b_desc, out3, sa, sb, index, index, row_tiles,
+        a_desc, b_desc, out_desc, out3, sa, sb, index, index, row_tiles,
         m, n, k, groups, tiles_m, programs,
         *out3.stride(), *sa_strides, *sb_strides,
         LAYOUT=layout, FP8=fp8, UPCAST_BF16=not fp8 and a.device.type != "cuda",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, K_LOOP=K_LOOP_IDS[config.k_loop] if fp8 else 0, FLATTEN=config.flatten,
+        TMA_STORE=tma_store,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
