@@ -11,8 +11,8 @@ iteration instead of waiting for them right after issue: 0 for the serial FP8 lo
 (its odd block). ptxas serialises every wgmma of a kernel (a wait after each instruction, info
 C7514 / C7515) when it cannot keep them in flight, e.g. when an in-flight accumulator is copied
 or spilled: ``serialized``, and ``mma_groups`` (WARPGROUP.ARRIVE in the SASS) then exceeds the
-number of dots. ``dot_loop_depth``: loops around the MMA, 1 when Triton has fused a flattened
-config's tile and K loops (``TileConfig.flatten``), 2 otherwise; ``tma_stores``: output tiles
+number of dots. ``dot_loop_depth``: the fewest loops around an MMA, 1 when Triton has fused a
+flattened config's tile and K loops (``TileConfig.flatten``), 2 otherwise; ``tma_stores``: output tiles
 stored with TMA (a flattened config's full tiles).
 """
 
@@ -92,18 +92,19 @@ def _ptxas_log(ptx: str) -> str:
 
 
 def _dot_loop_depth(ttgir: str) -> int:
-    """Loops (scf.for) around the first MMA in the TTGIR: 2 for a tile loop holding a K loop, 1 once
-    Triton has fused them (a flattened config)."""
+    """The fewest loops (scf.for) around an MMA in the TTGIR: 2 for tile loops that hold a K loop, 1
+    once Triton has fused a tile loop with its K loop (a flattened config)."""
     stack: list[bool] = []
+    depths = []
     for line in ttgir.splitlines():
         text = line.strip()
         if "ttng.warp_group_dot " in text:
-            return sum(stack)
+            depths.append(sum(stack))
         if text.startswith("}"):
             stack.pop()
         if text.endswith("{"):
             stack.append("scf.for" in text)
-    return 0
+    return min(depths, default=0)
 
 
 def report(layout: str, fp8: bool, cfg: tiles.TileConfig) -> dict:

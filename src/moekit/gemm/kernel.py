@@ -195,10 +195,10 @@ def _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT: tl.con
 # UPCAST_BF16 is set only under the CPU interpreter, whose dot has no bf16 path; bf16 products are
 # exact in fp32, so the sums are the same.
 # FLATTEN (TileConfig.flatten): the tiles are walked from the lists of row_tiles_ptr (see
-# _row_tiles_kernel). Full row tiles first, in a loop Triton fuses with its K loop (every tile runs
-# all k_tiles steps), so the next tile's loads are issued during this one's store; with TMA_STORE
-# the store is a TMA copy of the whole tile, which the warps do not wait for. Then the row tiles
-# with padding, nested, stored row by row so that padding rows stay untouched.
+# _row_tiles_kernel). The row tiles with padding first, nested, stored row by row so that padding
+# rows stay untouched. Then the full row tiles, in a loop Triton fuses with its K loop (every tile
+# runs all k_tiles steps), so the next tile's loads are issued during this one's store; with
+# TMA_STORE the store is a TMA copy of the whole tile, which the warps do not wait for.
 @triton.jit
 def _grouped_gemm_kernel(
         a_desc, b_desc, out_desc, out_ptr, sa_ptr, sb_ptr, m_indices_ptr, masked_m_ptr, row_tiles_ptr,
@@ -214,9 +214,29 @@ def _grouped_gemm_kernel(
     k_tiles = K // BLOCK_K
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    listed = 2 + num_tiles_m  # with FLATTEN: where the list of row tiles with padding starts
     if FLATTEN:
         num_full = tl.load(row_tiles_ptr)
-        for tile in tl.range(pid, num_full * num_tiles_n, num_programs, flatten=True):
+        num_tiles_m = tl.load(row_tiles_ptr + 1)
+    # Nested: every row tile, or with FLATTEN the listed ones that hold padding.
+    for tile in tl.range(pid, num_tiles_m * num_tiles_n, num_programs):
+        tile_m, tile_n = _swizzle(tile, num_tiles_m, num_tiles_n, GROUP_M)
+        if FLATTEN:
+            tile_m = tl.load(row_tiles_ptr + listed + tile_m)
+        ga, gb, m0, a_row, row_ok = _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT, BLOCK_M)
+        n0 = tile_n * BLOCK_N
+        active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
+        if active:
+            acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
+                                offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
+                                stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
+            _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
+    if FLATTEN:
+        # The full tiles go on with the same round robin, so that every program gets the same number
+        # of tiles (one more or less) and the fused loop runs last.
+        nested_tiles = num_tiles_m * num_tiles_n
+        first = pid + tl.cdiv(tl.maximum(nested_tiles - pid, 0), num_programs) * num_programs - nested_tiles
+        for tile in tl.range(first, num_full * num_tiles_n, num_programs, flatten=True):
             tile_m, tile_n = _swizzle(tile, num_full, num_tiles_n, GROUP_M)
             tile_m = tl.load(row_tiles_ptr + 2 + tile_m)
             ga, gb, m0, a_row, row_ok = _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT,
@@ -229,21 +249,6 @@ def _grouped_gemm_kernel(
                 out_desc.store([ga * M + m0, n0], acc.to(out_ptr.dtype.element_ty))
             else:
                 _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
-        first_listed = 2 + num_tiles_m
-        num_tiles_m = tl.load(row_tiles_ptr + 1)
-    # Nested: every row tile, or with FLATTEN the listed ones that hold padding.
-    for tile in tl.range(pid, num_tiles_m * num_tiles_n, num_programs):
-        tile_m, tile_n = _swizzle(tile, num_tiles_m, num_tiles_n, GROUP_M)
-        if FLATTEN:
-            tile_m = tl.load(row_tiles_ptr + first_listed + tile_m)
-        ga, gb, m0, a_row, row_ok = _tile_rows(tile_m, m_indices_ptr, masked_m_ptr, M, G, offs_m, LAYOUT, BLOCK_M)
-        n0 = tile_n * BLOCK_N
-        active = (gb >= 0) & (gb < G) & (tl.sum(row_ok.to(tl.int32), axis=0) > 0)
-        if active:
-            acc = _tile_product(a_desc, b_desc, sa_ptr, sb_ptr, ga, gb, m0, n0, a_row, row_ok, N, k_tiles,
-                                offs_m, offs_n, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
-                                stride_sbk, FP8, UPCAST_BF16, BLOCK_M, BLOCK_N, BLOCK_K, K_LOOP)
-            _store_tile(out_ptr, acc, ga, m0, n0, row_ok, N, offs_m, offs_n, stride_og, stride_om, stride_on)
 
 
 # The row tiles (BLOCK_M rows) that hold a valid row (an expert id in [0, G) in the contiguous
