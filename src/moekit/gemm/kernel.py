@@ -214,8 +214,8 @@ def _grouped_gemm_kernel(
     k_tiles = K // BLOCK_K
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    listed = 2 + num_tiles_m  # with FLATTEN: where the list of row tiles with padding starts
     if FLATTEN:
+        listed = 2 + num_tiles_m  # where the list of row tiles with padding starts
         num_full = tl.load(row_tiles_ptr)
         num_tiles_m = tl.load(row_tiles_ptr + 1)
     # Nested: every row tile, or with FLATTEN the listed ones that hold padding.
